@@ -1,0 +1,21 @@
+//! # cosilo-appliance
+//!
+//! The daemon that runs on a hospital's Cosilo box, and the `cosilo` command that drives it.
+//!
+//! Module map:
+//! - [`fetch`]: obtains the real anatomy (registry packages) into a checksummed cache outside git.
+//! - [`cohort`]: builds deterministic multi-hospital cohorts (real anatomy, simulated tumours and
+//!   scanner looks) as NIfTI image/label pairs with a manifest and per-hospital montages.
+//! - [`store`]: the dataset and model store; the only module that names `sled`.
+//! - [`train`]: the 2-D U-Net, its loss, augmentation, the trainer and evaluation (candle).
+//! - [`export`]: writes a trained model as an ONNX bundle the SDK can run.
+//! - [`plot`]: dependency-free SVG charts and PNG images for people to look at.
+//! - [`rng`]: the small deterministic generator every seeded computation uses.
+
+pub mod cohort;
+pub mod export;
+pub mod fetch;
+pub mod plot;
+pub mod rng;
+pub mod store;
+pub mod train;
