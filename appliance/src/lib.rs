@@ -8,13 +8,17 @@
 //!   scanner looks) as NIfTI image/label pairs with a manifest and per-hospital montages.
 //! - [`store`]: the dataset and model store; the only module that names `sled`.
 //! - [`train`]: the 2-D U-Net, its loss, augmentation, the trainer and evaluation (candle).
+//! - [`local`]: one site's pipeline: store → training → evaluation → report.
 //! - [`export`]: writes a trained model as an ONNX bundle the SDK can run.
-//! - [`plot`]: dependency-free SVG charts and PNG images for people to look at.
+//! - [`plot`]: PNG images (cohort montages) for people to look at.
+//! - [`chart`]: SVG line charts (training curves, method comparisons).
 //! - [`rng`]: the small deterministic generator every seeded computation uses.
 
+pub mod chart;
 pub mod cohort;
 pub mod export;
 pub mod fetch;
+pub mod local;
 pub mod plot;
 pub mod rng;
 pub mod store;
