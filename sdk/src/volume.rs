@@ -198,7 +198,7 @@ fn read_header_and_data(path: &Path) -> Result<(nifti::NiftiHeader, Vec<f32>), V
         .to_vec();
     // A trailing singleton dimension (x, y, z, 1) is still a 3-D volume.
     let rank3 = dims.len() == 3 || (dims.len() == 4 && dims[3] == 1);
-    if !rank3 || dims.iter().any(|&d| d == 0) {
+    if !rank3 || dims.contains(&0) {
         return Err(VolumeError::NotThreeD { path: p, dims });
     }
     let array = obj
@@ -269,8 +269,8 @@ fn header_affine(h: &nifti::NiftiHeader) -> [[f64; 4]; 4] {
         return m;
     }
     let mut m = [[0.0; 4]; 4];
-    for a in 0..3 {
-        m[a][a] = px(a + 1);
+    for (a, row) in m.iter_mut().enumerate().take(3) {
+        row[a] = px(a + 1);
     }
     m[3][3] = 1.0;
     m

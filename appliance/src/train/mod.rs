@@ -2,6 +2,7 @@
 //!
 //! - [`unet`]: the network, its parameter names and deterministic initialisation.
 //! - [`loss`]: soft Dice + cross-entropy.
+//! - [`ops`]: fast CPU kernels (convolutions, GroupNorm + ReLU, pooling) as candle custom ops.
 //! - [`optim`]: AdamW with saveable state.
 //! - [`data`]: volumes → normalised slices → augmented batches.
 //! - [`trainer`]: the loop, checkpoints and resume.
@@ -13,6 +14,7 @@
 pub mod data;
 pub mod eval;
 pub mod loss;
+pub mod ops;
 pub mod optim;
 pub mod trainer;
 pub mod unet;
@@ -43,6 +45,18 @@ pub enum TrainError {
     ConfigChanged(String),
     #[error("training diverged (non-finite loss) at epoch {epoch}, step {step}")]
     Diverged { epoch: usize, step: usize },
+}
+
+/// The device training runs on: the first CUDA GPU when built with `--features cuda` and one is
+/// present, else the CPU.
+pub fn device() -> Result<candle_core::Device, TrainError> {
+    #[cfg(feature = "cuda")]
+    {
+        if candle_core::utils::cuda_is_available() {
+            return Ok(candle_core::Device::new_cuda(0)?);
+        }
+    }
+    Ok(candle_core::Device::Cpu)
 }
 
 /// The class names of the default label map.
@@ -141,11 +155,15 @@ mod tests {
 
     #[test]
     fn bad_configs_are_refused_with_a_reason() {
-        let mut c = TrainConfig::default();
-        c.patch = [90, 96];
+        let c = TrainConfig {
+            patch: [90, 96],
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("multiples of 8"));
-        let mut c = TrainConfig::default();
-        c.label_map = vec![0, 7];
+        let c = TrainConfig {
+            label_map: vec![0, 7],
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("class 7"));
         let e = TrainConfig::from_toml("epochs = 3").unwrap_err().to_string();
         assert!(e.contains("missing field"), "{e}");
