@@ -26,7 +26,10 @@ pub enum LocalError {
     #[error(transparent)]
     Train(#[from] TrainError),
     #[error("no {split} cases{} in the store", hospital.as_ref().map(|h| format!(" of hospital {h}")).unwrap_or_default())]
-    NoCases { split: Split, hospital: Option<String> },
+    NoCases {
+        split: Split,
+        hospital: Option<String>,
+    },
     #[error("run {0:?} has no checkpoint in the store; train it first")]
     NoRun(String),
     #[error("cannot write the report to {path}: {source}")]
@@ -39,7 +42,9 @@ pub enum LocalError {
 
 impl CheckpointSink for Store {
     fn save(&self, run: &str, meta: &serde_json::Value, bytes: &[u8]) -> Result<u64, String> {
-        let seq = self.put_checkpoint(run, meta, bytes).map_err(|e| e.to_string())?;
+        let seq = self
+            .put_checkpoint(run, meta, bytes)
+            .map_err(|e| e.to_string())?;
         // Keep the last few: enough to fall back from a damaged newest one, bounded on disk.
         self.prune_checkpoints(run, 3).map_err(|e| e.to_string())?;
         Ok(seq)
@@ -54,7 +59,11 @@ impl CheckpointSink for Store {
 }
 
 /// Loads a split's cases (optionally of one hospital) as labelled volumes, in id order.
-pub fn load_volumes(store: &Store, hospital: Option<&str>, split: Split) -> Result<Vec<LabelledVolume>, LocalError> {
+pub fn load_volumes(
+    store: &Store,
+    hospital: Option<&str>,
+    split: Split,
+) -> Result<Vec<LabelledVolume>, LocalError> {
     let mut out = Vec::new();
     for id in store.case_ids(Some(split))? {
         let meta = store.case_meta(&id)?;
@@ -78,12 +87,18 @@ pub fn load_volumes(store: &Store, hospital: Option<&str>, split: Split) -> Resu
 }
 
 /// The model of a run as its newest checkpoint holds it, with that checkpoint's configuration.
-pub fn load_model(store: &Store, run: &str, device: &Device) -> Result<(UNet, VarMap, TrainConfig), LocalError> {
+pub fn load_model(
+    store: &Store,
+    run: &str,
+    device: &Device,
+) -> Result<(UNet, VarMap, TrainConfig), LocalError> {
     let (_, meta, bytes) = store
         .latest_checkpoint(run)?
         .ok_or_else(|| LocalError::NoRun(run.to_string()))?;
     let cfg: TrainConfig = serde_json::from_value(meta.get("config").cloned().unwrap_or_default())
-        .map_err(|e| TrainError::Checkpoint(format!("checkpoint of {run:?} has no readable config: {e}")))?;
+        .map_err(|e| {
+            TrainError::Checkpoint(format!("checkpoint of {run:?} has no readable config: {e}"))
+        })?;
     let (net, vars) = unet::build(&cfg.model, device, cfg.seed).map_err(TrainError::from)?;
     load_weights(&vars, &bytes, device)?;
     Ok((net, vars, cfg))
@@ -105,7 +120,9 @@ impl Evaluation {
     /// Summarises per-case scores.
     pub fn from_scores(run: &str, cfg: &TrainConfig, cases: Vec<CaseScore>, seconds: f64) -> Self {
         let mean = mean_per_class(&cases, cfg.model.classes);
-        let tissue: Vec<f64> = (1..4.min(cfg.model.classes)).filter_map(|c| mean[c]).collect();
+        let tissue: Vec<f64> = (1..4.min(cfg.model.classes))
+            .filter_map(|c| mean[c])
+            .collect();
         Evaluation {
             run: run.to_string(),
             class_names: cfg.class_names.clone(),
@@ -119,13 +136,21 @@ impl Evaluation {
     /// A markdown table: one row per case, one column per foreground class.
     pub fn to_markdown(&self) -> String {
         let names = &self.class_names[1..];
-        let mut s = format!("| case | {} |\n|---|{}\n", names.join(" | "), "---|".repeat(names.len()));
+        let mut s = format!(
+            "| case | {} |\n|---|{}\n",
+            names.join(" | "),
+            "---|".repeat(names.len())
+        );
         let cell = |v: Option<f64>| v.map(|d| format!("{d:.3}")).unwrap_or_else(|| "–".into());
         for c in &self.cases {
-            let row: Vec<String> = (1..self.class_names.len()).map(|k| cell(c.dice.get(k).copied().flatten())).collect();
+            let row: Vec<String> = (1..self.class_names.len())
+                .map(|k| cell(c.dice.get(k).copied().flatten()))
+                .collect();
             s += &format!("| {} | {} |\n", c.case, row.join(" | "));
         }
-        let mean: Vec<String> = (1..self.class_names.len()).map(|k| cell(self.mean.get(k).copied().flatten())).collect();
+        let mean: Vec<String> = (1..self.class_names.len())
+            .map(|k| cell(self.mean.get(k).copied().flatten()))
+            .collect();
         s += &format!("| **mean** | {} |\n", mean.join(" | "));
         if let Some(t) = self.tissue_mean {
             s += &format!("\nMean Dice over CSF, grey and white matter: **{t:.3}**\n");
@@ -135,30 +160,48 @@ impl Evaluation {
 }
 
 /// Scores a model on volumes with whole-volume 3-D Dice.
-pub fn evaluate(net: &UNet, cfg: &TrainConfig, run: &str, volumes: &[LabelledVolume], device: &Device) -> Result<Evaluation, LocalError> {
+pub fn evaluate(
+    net: &UNet,
+    cfg: &TrainConfig,
+    run: &str,
+    volumes: &[LabelledVolume],
+    device: &Device,
+) -> Result<Evaluation, LocalError> {
     let t0 = Instant::now();
     let mut cases = Vec::with_capacity(volumes.len());
     for v in volumes {
         let prepared = PreparedVolume::new(v, &cfg.normalisation, &cfg.label_map);
         cases.push(score(net, &prepared, device).map_err(TrainError::from)?);
     }
-    Ok(Evaluation::from_scores(run, cfg, cases, t0.elapsed().as_secs_f64()))
+    Ok(Evaluation::from_scores(
+        run,
+        cfg,
+        cases,
+        t0.elapsed().as_secs_f64(),
+    ))
 }
 
 /// Training curve: loss per epoch and held-out Dice per class.
 pub fn curve(history: &[EpochRecord], class_names: &[String], title: &str) -> LineChart {
-    let mut series = vec![
-        Series {
-            name: "train loss".into(),
-            points: history.iter().map(|h| (h.epoch as f64 + 1.0, h.loss)).collect(),
-        },
-    ];
+    let mut series = vec![Series {
+        name: "train loss".into(),
+        points: history
+            .iter()
+            .map(|h| (h.epoch as f64 + 1.0, h.loss))
+            .collect(),
+    }];
     for (c, name) in class_names.iter().enumerate().skip(1) {
         series.push(Series {
             name: format!("Dice {name}"),
             points: history
                 .iter()
-                .filter_map(|h| h.val_dice.get(c).copied().flatten().map(|d| (h.epoch as f64 + 1.0, d)))
+                .filter_map(|h| {
+                    h.val_dice
+                        .get(c)
+                        .copied()
+                        .flatten()
+                        .map(|d| (h.epoch as f64 + 1.0, d))
+                })
                 .collect(),
         });
     }
@@ -179,12 +222,20 @@ fn write(path: &Path, text: &str) -> Result<(), LocalError> {
 }
 
 /// Writes `curve.svg`, `history.json`, `evaluation.json` and `evaluation.md` into `dir`.
-pub fn write_report(dir: &Path, history: &[EpochRecord], eval: &Evaluation, title: &str) -> Result<(), LocalError> {
+pub fn write_report(
+    dir: &Path,
+    history: &[EpochRecord],
+    eval: &Evaluation,
+    title: &str,
+) -> Result<(), LocalError> {
     std::fs::create_dir_all(dir).map_err(|source| LocalError::Report {
         path: dir.display().to_string(),
         source,
     })?;
-    write(&dir.join("curve.svg"), &curve(history, &eval.class_names, title).to_svg())?;
+    write(
+        &dir.join("curve.svg"),
+        &curve(history, &eval.class_names, title).to_svg(),
+    )?;
     write(&dir.join("history.json"), &to_json(&history))?;
     write(&dir.join("evaluation.json"), &to_json(eval))?;
     write(&dir.join("evaluation.md"), &eval.to_markdown())?;
