@@ -159,7 +159,8 @@ impl Default for OutputSpec {
     fn default() -> Self {
         OutputSpec {
             name: OUTPUT_NAME.into(),
-            layout: "float32 [N, classes, H, W]: softmax over axis 1, classes in manifest order".into(),
+            layout: "float32 [N, classes, H, W]: softmax over axis 1, classes in manifest order"
+                .into(),
         }
     }
 }
@@ -238,10 +239,12 @@ impl Manifest {
             }
         }
         let manifest: Manifest = serde_json::from_value(value).map_err(parse)?;
-        manifest.validate().map_err(|reason| BundleError::InvalidManifest {
-            path: path.to_path_buf(),
-            reason,
-        })?;
+        manifest
+            .validate()
+            .map_err(|reason| BundleError::InvalidManifest {
+                path: path.to_path_buf(),
+                reason,
+            })?;
         Ok(manifest)
     }
 
@@ -256,10 +259,16 @@ impl Manifest {
     /// Checks the fields against each other (not the model file).
     pub fn validate(&self) -> Result<(), String> {
         if self.format_version != FORMAT_VERSION {
-            return Err(format!("format_version {} (expected {FORMAT_VERSION})", self.format_version));
+            return Err(format!(
+                "format_version {} (expected {FORMAT_VERSION})",
+                self.format_version
+            ));
         }
         if self.classes.len() < 2 {
-            return Err(format!("{} classes; at least 2 are needed", self.classes.len()));
+            return Err(format!(
+                "{} classes; at least 2 are needed",
+                self.classes.len()
+            ));
         }
         for (i, a) in self.classes.iter().enumerate() {
             if let Some(b) = self.classes[..i].iter().find(|b| b.label == a.label) {
@@ -284,9 +293,15 @@ impl Manifest {
         }
         if !self.model_sha256.is_empty()
             && (self.model_sha256.len() != 64
-                || !self.model_sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+                || !self
+                    .model_sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
         {
-            return Err(format!("model_sha256 {:?} is not 64 lower-case hex digits", self.model_sha256));
+            return Err(format!(
+                "model_sha256 {:?} is not 64 lower-case hex digits",
+                self.model_sha256
+            ));
         }
         Ok(())
     }
@@ -346,7 +361,11 @@ impl Bundle {
                 found,
             });
         }
-        Ok(Bundle { dir, manifest, model })
+        Ok(Bundle {
+            dir,
+            manifest,
+            model,
+        })
     }
 }
 
@@ -359,26 +378,36 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// with `model_sha256` set to the model's checksum. Both files are written into a temporary
 /// directory beside `dir`, synced, and renamed into place, then the parent directory is synced.
 /// Returns the manifest as written.
-pub fn write(dir: impl AsRef<Path>, model: &[u8], manifest: &Manifest) -> Result<Manifest, BundleError> {
+pub fn write(
+    dir: impl AsRef<Path>,
+    model: &[u8],
+    manifest: &Manifest,
+) -> Result<Manifest, BundleError> {
     let dir = dir.as_ref();
     let mut manifest = manifest.clone();
     manifest.model_sha256 = sha256_hex(model);
-    manifest.validate().map_err(|reason| BundleError::InvalidManifest {
-        path: dir.join(MANIFEST_FILE),
-        reason,
-    })?;
+    manifest
+        .validate()
+        .map_err(|reason| BundleError::InvalidManifest {
+            path: dir.join(MANIFEST_FILE),
+            reason,
+        })?;
     let werr = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BundleError::Write { path, source }
     };
     if let Ok(mut entries) = fs::read_dir(dir) {
         if entries.next().is_some() {
-            return Err(BundleError::Exists { path: dir.to_path_buf() });
+            return Err(BundleError::Exists {
+                path: dir.to_path_buf(),
+            });
         }
     }
-    let name = dir
-        .file_name()
-        .ok_or_else(|| werr(dir)(std::io::Error::other("the bundle path has no final component")))?;
+    let name = dir.file_name().ok_or_else(|| {
+        werr(dir)(std::io::Error::other(
+            "the bundle path has no final component",
+        ))
+    })?;
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -400,7 +429,9 @@ pub fn write(dir: impl AsRef<Path>, model: &[u8], manifest: &Manifest) -> Result
         sync_dir(&tmp)?;
         fs::rename(&tmp, dir).map_err(|source| match source.kind() {
             std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::AlreadyExists => {
-                BundleError::Exists { path: dir.to_path_buf() }
+                BundleError::Exists {
+                    path: dir.to_path_buf(),
+                }
             }
             _ => BundleError::Write {
                 path: dir.to_path_buf(),
@@ -436,7 +467,10 @@ fn sync_dir(dir: &Path) -> Result<(), BundleError> {
 
 /// `t` as RFC 3339 UTC with whole seconds, e.g. `2026-11-22T09:30:00Z`.
 pub fn rfc3339_utc(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
     let z = days + 719_468;
@@ -511,11 +545,18 @@ mod tests {
         let p = Path::new("x/manifest.json");
         assert_eq!(Manifest::from_json(&json, p).unwrap(), m);
         let text = String::from_utf8(json).unwrap();
-        assert!(text.contains("\"method\": \"percentile\""), "{text}");
+        assert!(
+            text.contains("\"normalisation\": {\n    \"method\": "),
+            "{text}"
+        );
 
         let newer = text.replace("\"format_version\": 1", "\"format_version\": 2");
         match Manifest::from_json(newer.as_bytes(), p) {
-            Err(BundleError::UnsupportedFormat { found: 2, supported: 1, .. }) => {}
+            Err(BundleError::UnsupportedFormat {
+                found: 2,
+                supported: 1,
+                ..
+            }) => {}
             other => panic!("{other:?}"),
         }
         // A newer format is reported as such even when the rest would not parse.

@@ -19,7 +19,8 @@
 //! What [`Segmenter::segment`] does, matching training exactly: it normalises the whole volume with
 //! the manifest's [`Normalisation`](crate::preprocess::Normalisation), cuts it into axial slices
 //! (`dims[1]` rows × `dims[0]` columns), zero-pads each slice centred to the manifest's size
-//! multiple (any in-plane size works), runs them through the network in batches, crops back, and
+//! multiple (any in-plane size works), runs them through the network in batches of
+//! [`SegmenterOptions::batch_slices`], crops back, and
 //! writes each voxel's most probable class as that class's label value. The label volume has the
 //! input's geometry, dims and affine unchanged.
 //!
@@ -106,7 +107,7 @@ fn display_paths(paths: &[PathBuf]) -> String {
 /// The loaded runtime: its library path, and the environment ort needs kept alive.
 struct Runtime {
     library: PathBuf,
-    _environment: ort::environment::Environment,
+    environment: ort::environment::Environment,
 }
 
 static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
@@ -120,7 +121,10 @@ pub fn ort_library_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
         return vec![PathBuf::from(p)];
     }
     let mut v = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         v.push(dir.join(ORT_LIBRARY_NAME));
     }
     v.push(Path::new(".ort").join(ORT_LIBRARY_NAME));
@@ -131,6 +135,13 @@ pub fn ort_library_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
 /// return the loaded library (ONNX Runtime cannot be swapped within a process), but still fail if
 /// the library they ask for does not exist.
 pub fn init_onnx_runtime(explicit: Option<&Path>) -> Result<PathBuf, SegmentError> {
+    runtime(explicit).map(|(library, _)| library)
+}
+
+/// The process's ONNX Runtime environment, created on first use.
+fn runtime(
+    explicit: Option<&Path>,
+) -> Result<(PathBuf, ort::environment::Environment), SegmentError> {
     let tried = ort_library_candidates(explicit);
     let found = tried.iter().find(|p| p.is_file()).cloned();
     let Some(found) = found else {
@@ -138,7 +149,7 @@ pub fn init_onnx_runtime(explicit: Option<&Path>) -> Result<PathBuf, SegmentErro
     };
     let mut runtime = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(rt) = runtime.as_ref() {
-        return Ok(rt.library.clone());
+        return Ok((rt.library.clone(), rt.environment.clone()));
     }
     // ort resolves relative paths against the executable's directory first; be explicit.
     let library = std::path::absolute(&found).unwrap_or(found);
@@ -146,12 +157,15 @@ pub fn init_onnx_runtime(explicit: Option<&Path>) -> Result<PathBuf, SegmentErro
         path: library.clone(),
         source,
     })?;
-    let environment = builder.with_name("cosilo").build().map_err(SegmentError::OrtEnvironment)?;
+    let environment = builder
+        .with_name("cosilo")
+        .build()
+        .map_err(SegmentError::OrtEnvironment)?;
     *runtime = Some(Runtime {
         library: library.clone(),
-        _environment: environment,
+        environment: environment.clone(),
     });
-    Ok(library)
+    Ok((library, environment))
 }
 
 /// How a [`Segmenter`] runs.
@@ -161,7 +175,9 @@ pub struct SegmenterOptions {
     pub ort_library: Option<PathBuf>,
     /// ONNX Runtime intra-op threads; `None` lets ONNX Runtime choose (one per physical core).
     pub intra_threads: Option<usize>,
-    /// Slices per inference call (memory grows with it; 16 is a good CPU default).
+    /// Slices per inference call. On CPU one slice per call is fastest, because a slice's
+    /// activations stay in cache: with 2 threads, 256² slices took ~41 ms each one at a time and
+    /// ~52 ms each 16 at a time (`bench/sdk_inference.sh`). Larger batches suit GPU providers.
     pub batch_slices: usize,
 }
 
@@ -170,7 +186,7 @@ impl Default for SegmenterOptions {
         SegmenterOptions {
             ort_library: None,
             intra_threads: None,
-            batch_slices: 16,
+            batch_slices: 1,
         }
     }
 }
@@ -225,8 +241,11 @@ impl Segmenter {
 
     /// Opens the bundle in `bundle_dir`: checks its manifest and model checksum, loads ONNX Runtime
     /// if this process has not yet, and creates the inference session.
-    pub fn open_with(bundle_dir: impl AsRef<Path>, options: &SegmenterOptions) -> Result<Self, SegmentError> {
-        init_onnx_runtime(options.ort_library.as_deref())?;
+    pub fn open_with(
+        bundle_dir: impl AsRef<Path>,
+        options: &SegmenterOptions,
+    ) -> Result<Self, SegmentError> {
+        let (_, environment) = runtime(options.ort_library.as_deref())?;
         let bundle = Bundle::open(bundle_dir)?;
         let dir = bundle.dir.clone();
         if bundle.manifest.input.channels != 1 {
@@ -242,16 +261,20 @@ impl Segmenter {
             path: dir.clone(),
             source,
         };
-        let mut builder = Session::builder()
+        let mut builder = Session::builder(&environment)
             .map_err(session_err)?
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(|e| session_err(e.into()))?
             .with_inter_threads(1)
             .map_err(|e| session_err(e.into()))?;
         if let Some(n) = options.intra_threads {
-            builder = builder.with_intra_threads(n).map_err(|e| session_err(e.into()))?;
+            builder = builder
+                .with_intra_threads(n)
+                .map_err(|e| session_err(e.into()))?;
         }
-        let session = builder.commit_from_memory(&bundle.model).map_err(session_err)?;
+        let session = builder
+            .commit_from_memory(&bundle.model)
+            .map_err(session_err)?;
         Ok(Segmenter {
             manifest: bundle.manifest,
             dir,
@@ -271,7 +294,10 @@ impl Segmenter {
     }
 
     /// As [`segment`](Self::segment), and also keeps each class's probability map.
-    pub fn segment_with_probabilities(&self, volume: &Volume<f32>) -> Result<Segmentation, SegmentError> {
+    pub fn segment_with_probabilities(
+        &self,
+        volume: &Volume<f32>,
+    ) -> Result<Segmentation, SegmentError> {
         self.segment_volume(volume, true)
     }
 
@@ -313,7 +339,8 @@ impl Segmenter {
             .get(name)
             .ok_or_else(|| SegmentError::MissingOutput { name: name.clone() })?;
         let (out_shape, probs) = value.try_extract_tensor::<f32>().map_err(infer)?;
-        let expected = [shape[0], self.manifest.classes.len(), shape[2], shape[3]].map(|d| d as i64);
+        let expected =
+            [shape[0], self.manifest.classes.len(), shape[2], shape[3]].map(|d| d as i64);
         if **out_shape != expected {
             return Err(SegmentError::OutputShape {
                 expected: expected.to_vec(),
@@ -324,11 +351,17 @@ impl Segmenter {
         Ok(())
     }
 
-    fn segment_volume(&self, volume: &Volume<f32>, keep_probabilities: bool) -> Result<Segmentation, SegmentError> {
+    fn segment_volume(
+        &self,
+        volume: &Volume<f32>,
+        keep_probabilities: bool,
+    ) -> Result<Segmentation, SegmentError> {
         let geometry = &volume.geometry;
         let [nx, ny, nz] = geometry.dims;
         if geometry.is_empty() || volume.data.len() != geometry.len() {
-            return Err(SegmentError::EmptyVolume { dims: geometry.dims });
+            return Err(SegmentError::EmptyVolume {
+                dims: geometry.dims,
+            });
         }
         let classes = self.manifest.classes.len();
         let labels_of: Vec<u8> = self.manifest.classes.iter().map(|c| c.label).collect();
@@ -341,7 +374,8 @@ impl Segmenter {
 
         let mut labels = vec![0u8; geometry.len()];
         let mut counts = vec![0usize; classes];
-        let mut probabilities = keep_probabilities.then(|| vec![vec![0f32; geometry.len()]; classes]);
+        let mut probabilities =
+            keep_probabilities.then(|| vec![vec![0f32; geometry.len()]; classes]);
         let mut input = vec![0f32; self.batch_slices.min(nz) * plane];
         let mut best = vec![0f32; nx];
         let mut k0 = 0;
@@ -378,7 +412,8 @@ impl Segmenter {
                         }
                         if let Some(maps) = probabilities.as_mut() {
                             for (c, map) in maps.iter_mut().enumerate() {
-                                map[k * slice_len + y * nx..k * slice_len + (y + 1) * nx].copy_from_slice(row(c));
+                                map[k * slice_len + y * nx..k * slice_len + (y + 1) * nx]
+                                    .copy_from_slice(row(c));
                             }
                         }
                     }
@@ -423,7 +458,11 @@ impl Segmenter {
     /// may use the class label values or the finer training labels (see
     /// [`ClassSpec::training_labels`](crate::bundle::ClassSpec)); `None` where a class is in
     /// neither volume.
-    pub fn dice(&self, segmentation: &Segmentation, truth: &Volume<u8>) -> Result<Vec<Option<f64>>, SegmentError> {
+    pub fn dice(
+        &self,
+        segmentation: &Segmentation,
+        truth: &Volume<u8>,
+    ) -> Result<Vec<Option<f64>>, SegmentError> {
         dice_per_class(&self.manifest, segmentation, truth)
     }
 }
@@ -449,9 +488,16 @@ pub fn dice_per_class(
             truth_class[v as usize] = c as u8;
         }
     }
-    let (mut inter, mut p, mut t) = (vec![0u64; classes], vec![0u64; classes], vec![0u64; classes]);
+    let (mut inter, mut p, mut t) = (
+        vec![0u64; classes],
+        vec![0u64; classes],
+        vec![0u64; classes],
+    );
     for (&a, &b) in seg.data.iter().zip(&truth.data) {
-        let (a, b) = (pred_class[a as usize] as usize, truth_class[b as usize] as usize);
+        let (a, b) = (
+            pred_class[a as usize] as usize,
+            truth_class[b as usize] as usize,
+        );
         p[a] += 1;
         t[b] += 1;
         if a == b {
@@ -474,23 +520,44 @@ mod tests {
         let err = init_onnx_runtime(Some(p)).unwrap_err();
         assert!(matches!(err, SegmentError::OrtLibraryMissing { .. }));
         let msg = err.to_string();
-        assert!(msg.contains("scripts/setup-ort.sh") && msg.contains(&p.display().to_string()), "{msg}");
-        let err = Segmenter::open_with("/nonexistent-bundle", &SegmenterOptions {
-            ort_library: Some(p.into()),
-            ..Default::default()
-        })
+        assert!(
+            msg.contains("scripts/setup-ort.sh") && msg.contains(&p.display().to_string()),
+            "{msg}"
+        );
+        let err = Segmenter::open_with(
+            "/nonexistent-bundle",
+            &SegmenterOptions {
+                ort_library: Some(p.into()),
+                ..Default::default()
+            },
+        )
         .unwrap_err();
-        assert!(matches!(err, SegmentError::OrtLibraryMissing { .. }), "{err}");
+        assert!(
+            matches!(err, SegmentError::OrtLibraryMissing { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn segmenter_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Segmenter>();
     }
 
     #[test]
     fn candidates_prefer_the_explicit_path() {
-        assert_eq!(ort_library_candidates(Some(Path::new("/x/lib.so"))), [PathBuf::from("/x/lib.so")]);
+        assert_eq!(
+            ort_library_candidates(Some(Path::new("/x/lib.so"))),
+            [PathBuf::from("/x/lib.so")]
+        );
     }
 
     #[test]
     fn dice_maps_training_labels_to_classes() {
-        let names: Vec<String> = ["bg", "a", "tumour"].iter().map(|s| s.to_string()).collect();
+        let names: Vec<String> = ["bg", "a", "tumour"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let manifest = Manifest {
             format_version: crate::bundle::FORMAT_VERSION,
             model_name: "m".into(),
@@ -506,7 +573,10 @@ mod tests {
                 created: String::new(),
                 cosilo_version: String::new(),
             },
-            metrics: Metrics { dice: vec![], cases: 0 },
+            metrics: Metrics {
+                dice: vec![],
+                cases: 0,
+            },
         };
         let g = Geometry::axis_aligned([4, 1, 1], [1.0; 3], [0.0; 3]);
         let seg = Segmentation {
@@ -517,8 +587,15 @@ mod tests {
         // Training label 3 is the tumour class too.
         let truth = Volume::new(g.clone(), vec![0, 1, 3, 0]).unwrap();
         let d = dice_per_class(&manifest, &seg, &truth).unwrap();
-        assert_eq!(d, vec![Some(2.0 * 1.0 / 3.0), Some(1.0), Some(2.0 * 1.0 / 3.0)]);
-        let other = Volume::new(Geometry::axis_aligned([2, 2, 1], [1.0; 3], [0.0; 3]), vec![0; 4]).unwrap();
+        assert_eq!(
+            d,
+            vec![Some(2.0 * 1.0 / 3.0), Some(1.0), Some(2.0 * 1.0 / 3.0)]
+        );
+        let other = Volume::new(
+            Geometry::axis_aligned([2, 2, 1], [1.0; 3], [0.0; 3]),
+            vec![0; 4],
+        )
+        .unwrap();
         assert!(matches!(
             dice_per_class(&manifest, &seg, &other),
             Err(SegmentError::GeometryMismatch { .. })
