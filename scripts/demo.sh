@@ -31,7 +31,7 @@ rm -rf "$OUT/h1-store"
 "$COSILO" import --store "$OUT/h1-store" --manifest "$OUT/cohort/manifest.json" --hospital h1
 
 say "train on h1 (candle, CPU)"
-"$COSILO" train --store "$OUT/h1-store" --run h1-local --config "$ROOT/appliance/config/demo.toml" \
+"$COSILO" train --store "$OUT/h1-store" --run h1-local \
   ${DEMO_EPOCHS:+--epochs "$DEMO_EPOCHS"} ${DEMO_STEPS:+--steps-per-epoch "$DEMO_STEPS"} \
   --report "$OUT/reports/h1-local"
 

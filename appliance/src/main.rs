@@ -26,6 +26,8 @@ enum Command {
     Train(TrainArgs),
     /// Score a trained run on the store's held-out cases (3-D Dice per class per case).
     Evaluate(EvalArgs),
+    /// Export a trained run as an ONNX bundle (model.onnx + manifest.json) for the SDK.
+    Export(ExportArgs),
     /// Print the default training configuration (TOML) to start a --config file from.
     PrintDefaultConfig,
     /// Import NIfTI image/label pairs into the store: one pair, or a cohort manifest.
@@ -133,6 +135,19 @@ struct TrainArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct ExportArgs {
+    /// The store directory.
+    #[arg(long, env = "COSILO_STORE", default_value = "./cosilo-store")]
+    store: PathBuf,
+    /// The run to export (its newest checkpoint).
+    #[arg(long, default_value = "local")]
+    run: String,
+    /// The bundle directory to create (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
 struct EvalArgs {
     /// The store directory.
     #[arg(long, env = "COSILO_STORE", default_value = "./cosilo-store")]
@@ -165,6 +180,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Segment(args) => segment(args),
         Command::Train(args) => train(args),
         Command::Evaluate(args) => evaluate(args),
+        Command::Export(args) => export(args),
         Command::PrintDefaultConfig => {
             print!("{}", cosilo_appliance::train::DEFAULT_TRAIN_TOML);
             Ok(())
@@ -225,6 +241,10 @@ fn segment(args: SegmentArgs) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     let seg = segmenter.segment(&image)?;
     let seconds = t0.elapsed().as_secs_f64();
+    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    }
     write_nifti_labels(&args.output, &seg.labels)?;
     let dice = match &args.truth {
         Some(p) => Some(segmenter.dice(&seg, &read_nifti_labels(p)?)?),
@@ -393,6 +413,22 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         )?;
         println!("report: {}", dir.display());
     }
+    Ok(())
+}
+
+/// `cosilo export`.
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let store = cosilo_appliance::store::Store::open(&args.store)?;
+    let device = cosilo_appliance::train::device()?;
+    let info = cosilo_appliance::local::export_run(&store, &args.run, &args.out, &device)?;
+    println!(
+        "exported {} ({} parameters, {} ONNX nodes, {} bytes) to {}",
+        args.run,
+        info.parameters,
+        info.nodes,
+        info.model_bytes,
+        info.dir.display()
+    );
     Ok(())
 }
 

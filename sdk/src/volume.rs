@@ -12,13 +12,13 @@ use serde::{Deserialize, Serialize};
 /// Errors reading, writing or checking volumes.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
-    #[error("cannot read NIfTI file {path}: {source}")]
+    #[error("cannot read NIfTI file {path}")]
     Read {
         path: String,
         #[source]
         source: nifti::NiftiError,
     },
-    #[error("cannot write NIfTI file {path}: {source}")]
+    #[error("cannot write NIfTI file {path}")]
     Write {
         path: String,
         #[source]

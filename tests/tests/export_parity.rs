@@ -200,9 +200,7 @@ fn padded_odd_sized_volume_matches_candle() -> Result<()> {
     Ok(())
 }
 
-fn python() -> String {
-    std::env::var("COSILO_PYTHON").unwrap_or_else(|_| "python3".into())
-}
+use cosilo_tests::python;
 
 /// Runs the reference ONNX checker (with shape inference) on a model file.
 fn onnx_check(path: &Path) -> Result<()> {

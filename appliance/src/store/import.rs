@@ -189,10 +189,11 @@ pub fn import_all(store: &Store, requests: &[ImportRequest]) -> Result<ImportRep
                 report.already_present.push(r.id.clone());
             }
             Err(e) if e.is_refusal() => {
-                bar.suspend(|| tracing::warn!("refused case {}: {e}", r.id));
+                let reason = error_chain(&e);
+                bar.suspend(|| tracing::warn!("refused case {}: {reason}", r.id));
                 report.refused.push(Refusal {
                     id: r.id.clone(),
-                    reason: e.to_string(),
+                    reason,
                 });
             }
             Err(e) => {
@@ -205,4 +206,19 @@ pub fn import_all(store: &Store, requests: &[ImportRequest]) -> Result<ImportRep
     bar.finish_and_clear();
     report.elapsed = start.elapsed();
     Ok(report)
+}
+
+/// An error and its sources, joined with ": " (what `{:#}` prints for an anyhow error).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s
 }
