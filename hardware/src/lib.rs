@@ -169,10 +169,11 @@ pub struct Disk {
 /// `statvfs` of the filesystem holding `path`.
 pub fn disk(path: &Path) -> Result<Disk, HardwareError> {
     use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| HardwareError::Parse {
-        path: path.display().to_string(),
-        what: "path contains a NUL byte".into(),
-    })?;
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| HardwareError::Parse {
+            path: path.display().to_string(),
+            what: "path contains a NUL byte".into(),
+        })?;
     // SAFETY: `c` is a valid NUL-terminated string and `st` a properly sized out-parameter.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
@@ -248,7 +249,10 @@ mod tests {
             "processor\t: 0\nmodel name\t: ARMv8 Processor rev 1 (v8l)\n\nprocessor\t: 1\n\n",
         )
         .unwrap();
-        for (i, (t, v)) in [("CPU-therm", "41500"), ("GPU-therm", "52000")].iter().enumerate() {
+        for (i, (t, v)) in [("CPU-therm", "41500"), ("GPU-therm", "52000")]
+            .iter()
+            .enumerate()
+        {
             let z = p.join(format!("sys/class/thermal/thermal_zone{i}"));
             std::fs::create_dir_all(&z).unwrap();
             std::fs::write(z.join("type"), format!("{t}\n")).unwrap();
@@ -274,14 +278,20 @@ mod tests {
     #[test]
     fn malformed_readings_are_errors_naming_the_file() {
         let d = fake_root();
-        std::fs::write(d.path().join("sys/class/thermal/thermal_zone0/temp"), "hot\n").unwrap();
+        std::fs::write(
+            d.path().join("sys/class/thermal/thermal_zone0/temp"),
+            "hot\n",
+        )
+        .unwrap();
         std::fs::write(d.path().join("proc/meminfo"), "MemTotal: 1 kB\n").unwrap();
         let root = SysRoot(d.path().to_path_buf());
         let e = thermal_zones(&root).unwrap_err().to_string();
         assert!(e.contains("thermal_zone0/temp") && e.contains("hot"), "{e}");
         let e = memory(&root).unwrap_err().to_string();
         assert!(e.contains("MemAvailable"), "{e}");
-        assert!(thermal_zones(&SysRoot(d.path().join("nowhere"))).unwrap().is_empty());
+        assert!(thermal_zones(&SysRoot(d.path().join("nowhere")))
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -240,20 +240,27 @@ fn header_affine(h: &nifti::NiftiHeader) -> [[f64; 4]; 4] {
     };
     if h.sform_code > 0 {
         let r = |row: [f32; 4]| row.map(|v| v as f64);
-        return [
-            r(h.srow_x),
-            r(h.srow_y),
-            r(h.srow_z),
-            [0.0, 0.0, 0.0, 1.0],
-        ];
+        return [r(h.srow_x), r(h.srow_y), r(h.srow_z), [0.0, 0.0, 0.0, 1.0]];
     }
     if h.qform_code > 0 {
         let (b, c, d) = (h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64);
         let a = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
         let rot = [
-            [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
-            [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
-            [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
+            [
+                a * a + b * b - c * c - d * d,
+                2.0 * (b * c - a * d),
+                2.0 * (b * d + a * c),
+            ],
+            [
+                2.0 * (b * c + a * d),
+                a * a + c * c - b * b - d * d,
+                2.0 * (c * d - a * b),
+            ],
+            [
+                2.0 * (b * d - a * c),
+                2.0 * (c * d + a * b),
+                a * a + d * d - c * c - b * b,
+            ],
         ];
         let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
         let s = [px(1), px(2), px(3) * qfac];
@@ -328,9 +335,24 @@ fn header_for(geometry: &Geometry) -> nifti::NiftiHeader {
     let mut h = nifti::NiftiHeader {
         sform_code: 2, // aligned anatomical
         qform_code: 0,
-        srow_x: [a[0][0] as f32, a[0][1] as f32, a[0][2] as f32, a[0][3] as f32],
-        srow_y: [a[1][0] as f32, a[1][1] as f32, a[1][2] as f32, a[1][3] as f32],
-        srow_z: [a[2][0] as f32, a[2][1] as f32, a[2][2] as f32, a[2][3] as f32],
+        srow_x: [
+            a[0][0] as f32,
+            a[0][1] as f32,
+            a[0][2] as f32,
+            a[0][3] as f32,
+        ],
+        srow_y: [
+            a[1][0] as f32,
+            a[1][1] as f32,
+            a[1][2] as f32,
+            a[1][3] as f32,
+        ],
+        srow_z: [
+            a[2][0] as f32,
+            a[2][1] as f32,
+            a[2][2] as f32,
+            a[2][3] as f32,
+        ],
         xyzt_units: 2, // millimetres
         ..Default::default()
     };
@@ -436,7 +458,10 @@ mod tests {
         let p = dir.path().join("bad.nii.gz");
         write_nifti_f32(&p, &v).unwrap();
         let err = read_nifti(&p).unwrap_err().to_string();
-        assert!(err.contains("bad.nii.gz") && err.contains("voxel 7"), "{err}");
+        assert!(
+            err.contains("bad.nii.gz") && err.contains("voxel 7"),
+            "{err}"
+        );
     }
 
     #[test]
