@@ -32,6 +32,8 @@ pub enum LocalError {
     },
     #[error("run {0:?} has no checkpoint in the store; train it first")]
     NoRun(String),
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
     #[error("cannot write the report to {path}: {source}")]
     Report {
         path: String,
@@ -269,4 +271,53 @@ pub fn train_site(
     let eval = (outcome.finished && !test.is_empty())
         .then(|| Evaluation::from_scores(run, cfg, outcome.final_scores.clone(), 0.0));
     Ok((outcome, eval))
+}
+
+/// Exports the newest checkpoint of `run` as an ONNX bundle in `out`. The manifest records the
+/// sites and number of training cases (never patient identities) and the held-out Dice of the
+/// run's last epoch.
+pub fn export_run(
+    store: &Store,
+    run: &str,
+    out: &Path,
+    device: &Device,
+) -> Result<crate::export::BundleInfo, LocalError> {
+    use cosilo_sdk::bundle::{rfc3339_utc, Metrics, Provenance};
+    let (_, meta, _) = store
+        .latest_checkpoint(run)?
+        .ok_or_else(|| LocalError::NoRun(run.to_string()))?;
+    let (_, vars, cfg) = load_model(store, run, device)?;
+    let history: Vec<EpochRecord> = meta
+        .get("history")
+        .cloned()
+        .and_then(|h| serde_json::from_value(h).ok())
+        .unwrap_or_default();
+    let mut sites = std::collections::BTreeSet::new();
+    let train_ids = store.case_ids(Some(Split::Train))?;
+    for id in &train_ids {
+        sites.insert(store.case_meta(id)?.provenance.hospital);
+    }
+    let test_cases = store.case_ids(Some(Split::Test))?.len();
+    let provenance = Provenance {
+        training_run: run.to_string(),
+        sites: sites.into_iter().collect(),
+        cases: train_ids.len(),
+        created: rfc3339_utc(std::time::SystemTime::now()),
+        cosilo_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let metrics = Metrics {
+        dice: history
+            .last()
+            .map(|h| h.val_dice.clone())
+            .unwrap_or_default(),
+        cases: if history.last().is_some_and(|h| !h.val_dice.is_empty()) {
+            test_cases
+        } else {
+            0
+        },
+    };
+    let manifest = crate::export::manifest_for(&cfg, run, provenance, metrics);
+    Ok(crate::export::write_bundle(
+        out, &cfg.model, &vars, &manifest,
+    )?)
 }

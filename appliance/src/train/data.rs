@@ -93,6 +93,8 @@ pub struct SliceSet {
     pub volumes: Vec<PreparedVolume>,
     /// (volume, k) of every slice that contains foreground.
     pub slices: Vec<(usize, usize)>,
+    /// Indices into `slices` of the slices that contain a rare class (see [`SliceSet::mark_rare`]).
+    pub rare: Vec<usize>,
 }
 
 impl SliceSet {
@@ -106,7 +108,43 @@ impl SliceSet {
                 }
             }
         }
-        SliceSet { volumes, slices }
+        SliceSet {
+            volumes,
+            slices,
+            rare: Vec::new(),
+        }
+    }
+
+    /// Marks the slices holding any foreground class that makes up less than `share` of the
+    /// labelled (non-background) voxels: small structures such as tumours, which a batch drawn
+    /// uniformly shows the network too rarely. Returns the rare classes.
+    pub fn mark_rare(&mut self, classes: usize, share: f64) -> Vec<u8> {
+        let mut counts = vec![0u64; classes];
+        for v in &self.volumes {
+            for &c in &v.classes {
+                if (c as usize) < classes {
+                    counts[c as usize] += 1;
+                }
+            }
+        }
+        let fg: u64 = counts[1..].iter().sum();
+        let rare: Vec<u8> = (1..classes)
+            .filter(|&c| counts[c] > 0 && (counts[c] as f64) < share * fg as f64)
+            .map(|c| c as u8)
+            .collect();
+        self.rare = self
+            .slices
+            .iter()
+            .enumerate()
+            .filter(|(_, &(vi, k))| {
+                self.volumes[vi]
+                    .slice_classes(k)
+                    .iter()
+                    .any(|c| rare.contains(c))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        rare
     }
 
     pub fn len(&self) -> usize {
@@ -118,7 +156,14 @@ impl SliceSet {
     }
 
     /// Cuts the batch of slices `order` as random `h × w` crops with augmentation from `rng`.
-    pub fn batch(&self, order: &[usize], h: usize, w: usize, aug: &Augment, rng: &mut Rng) -> Batch {
+    pub fn batch(
+        &self,
+        order: &[usize],
+        h: usize,
+        w: usize,
+        aug: &Augment,
+        rng: &mut Rng,
+    ) -> Batch {
         let b = order.len();
         let mut image = vec![0f32; b * h * w];
         let mut classes = vec![0u8; b * h * w];
@@ -186,7 +231,10 @@ mod tests {
         let g = Geometry::axis_aligned([6, 5, 3], [1.0; 3], [0.0; 3]);
         let image = Volume::new(g.clone(), (0..90).map(|i| i as f32).collect()).unwrap();
         let mut label = Volume::filled(g, 0u8);
-        label.data[30 + 7] = 6; // slice 1 has foreground (label 6 → class 4)
+        // Slice 1 is CSF (label 1) but for one tumour voxel (label 6 → class 4): tumour is 1/30 of
+        // the labelled voxels, a rare class.
+        label.data[30..60].fill(1);
+        label.data[30 + 7] = 6;
         LabelledVolume {
             id: "t".into(),
             image,
@@ -198,8 +246,11 @@ mod tests {
     fn prepares_indexes_and_crops_without_augmentation() {
         let p = PreparedVolume::new(&toy(), &Normalisation::default(), &[0, 1, 2, 3, 4, 4, 4]);
         assert_eq!(p.classes[37], 4);
-        let set = SliceSet::new(vec![p]);
+        let mut set = SliceSet::new(vec![p]);
         assert_eq!(set.slices, vec![(0, 1)]);
+        // The only foreground voxel is class 4, so it is rare below any share and its slice marked.
+        assert_eq!(set.mark_rare(5, 0.05), vec![4]);
+        assert_eq!(set.rare, vec![0]);
         let none = Augment {
             flip: false,
             intensity: 0.0,

@@ -11,7 +11,12 @@ use super::unet::UNet;
 
 /// Predicts the class of every voxel of a prepared volume, slice by slice in batches of `batch`.
 /// Slices are zero-padded (centred) to the network's multiple and cropped back.
-pub fn predict(net: &UNet, v: &PreparedVolume, device: &Device, batch: usize) -> candle_core::Result<Vec<u8>> {
+pub fn predict(
+    net: &UNet,
+    v: &PreparedVolume,
+    device: &Device,
+    batch: usize,
+) -> candle_core::Result<Vec<u8>> {
     let m = net.config().multiple();
     let h = v.ny.div_ceil(m) * m;
     let w = v.nx.div_ceil(m) * m;
@@ -29,7 +34,10 @@ pub fn predict(net: &UNet, v: &PreparedVolume, device: &Device, batch: usize) ->
             }
         }
         let x = Tensor::from_vec(input, (n, 1, h, w), device)?;
-        let classes = net.forward(&x)?.argmax(1)?.to_dtype(candle_core::DType::U8)?;
+        let classes = net
+            .forward(&x)?
+            .argmax(1)?
+            .to_dtype(candle_core::DType::U8)?;
         let classes: Vec<u8> = classes.flatten_all()?.to_vec1()?;
         for s in 0..n {
             let slice = &mut out[(k0 + s) * v.nx * v.ny..(k0 + s + 1) * v.nx * v.ny];
@@ -70,7 +78,10 @@ pub struct CaseScore {
 impl CaseScore {
     /// Mean Dice over the given classes that are scored for this case.
     pub fn mean_over(&self, classes: &[usize]) -> Option<f64> {
-        let v: Vec<f64> = classes.iter().filter_map(|&c| self.dice.get(c).copied().flatten()).collect();
+        let v: Vec<f64> = classes
+            .iter()
+            .filter_map(|&c| self.dice.get(c).copied().flatten())
+            .collect();
         (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     }
 }
@@ -81,7 +92,9 @@ pub fn score(net: &UNet, v: &PreparedVolume, device: &Device) -> candle_core::Re
     let classes = net.config().classes;
     Ok(CaseScore {
         case: v.id.clone(),
-        dice: (0..classes as u8).map(|c| dice(&pred, &v.classes, c)).collect(),
+        dice: (0..classes as u8)
+            .map(|c| dice(&pred, &v.classes, c))
+            .collect(),
     })
 }
 
@@ -89,7 +102,10 @@ pub fn score(net: &UNet, v: &PreparedVolume, device: &Device) -> candle_core::Re
 pub fn mean_per_class(scores: &[CaseScore], classes: usize) -> Vec<Option<f64>> {
     (0..classes)
         .map(|c| {
-            let v: Vec<f64> = scores.iter().filter_map(|s| s.dice.get(c).copied().flatten()).collect();
+            let v: Vec<f64> = scores
+                .iter()
+                .filter_map(|s| s.dice.get(c).copied().flatten())
+                .collect();
             (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
         })
         .collect()

@@ -1,7 +1,8 @@
 //! Segmentation loss: soft Dice over the foreground classes plus pixel-wise cross-entropy.
 //!
-//! Both are computed from `log_softmax` over the class axis, built from ops whose candle gradients
-//! are checked against finite differences in `gradcheck`.
+//! Both are computed from `log_softmax` over the class axis. On the CPU the whole loss is one fused
+//! op ([`super::ops::dice_cross_entropy`]); [`dice_cross_entropy_reference`] builds it from candle
+//! ops (used on other devices); `gradcheck` checks both against finite differences and each other.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -18,6 +19,21 @@ pub const DICE_SMOOTH: f64 = 1.0;
 /// `ce + (1 − mean soft Dice over classes 1..C)` for logits and a one-hot target, both
 /// `(b, classes, h, w)`. Dice is computed over the whole batch per class.
 pub fn dice_cross_entropy(logits: &Tensor, one_hot: &Tensor) -> Result<LossParts> {
+    if !(logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64)) {
+        return dice_cross_entropy_reference(logits, one_hot);
+    }
+    let parts =
+        super::ops::dice_cross_entropy(logits, &one_hot.to_dtype(logits.dtype())?, DICE_SMOOTH)?;
+    let values: Vec<f32> = parts.to_dtype(DType::F32)?.to_vec1()?;
+    Ok(LossParts {
+        total: parts.narrow(0, 0, 1)?.squeeze(0)?,
+        cross_entropy: values[1],
+        dice_loss: values[2],
+    })
+}
+
+/// [`dice_cross_entropy`] written with candle's tensor ops.
+pub fn dice_cross_entropy_reference(logits: &Tensor, one_hot: &Tensor) -> Result<LossParts> {
     let (b, c, h, w) = logits.dims4()?;
     let log_p = candle_nn::ops::log_softmax(logits, 1)?;
     let ce = (log_p.mul(one_hot)?.sum_all()? * (-1.0 / (b * h * w) as f64))?;
@@ -64,7 +80,12 @@ mod tests {
         let bad = ((1.0 - &oh).unwrap() * 20.0).unwrap();
         let lg = dice_cross_entropy(&good, &oh).unwrap();
         let lb = dice_cross_entropy(&bad, &oh).unwrap();
-        assert!(lg.cross_entropy < 1e-6 && lg.dice_loss < 0.05, "{} {}", lg.cross_entropy, lg.dice_loss);
+        assert!(
+            lg.cross_entropy < 1e-6 && lg.dice_loss < 0.05,
+            "{} {}",
+            lg.cross_entropy,
+            lg.dice_loss
+        );
         assert!(lb.cross_entropy > 15.0 && lb.dice_loss > 0.9);
         let t = lg.total.to_scalar::<f32>().unwrap();
         assert!((t - lg.cross_entropy - lg.dice_loss).abs() < 1e-6);

@@ -60,7 +60,8 @@ pub fn device() -> Result<candle_core::Device, TrainError> {
 }
 
 /// The class names of the default label map.
-pub const DEFAULT_CLASSES: [&str; 5] = ["background", "csf", "grey_matter", "white_matter", "tumour"];
+pub const DEFAULT_CLASSES: [&str; 5] =
+    ["background", "csf", "grey_matter", "white_matter", "tumour"];
 
 /// Everything that determines a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +83,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Checkpoint every this many steps inside an epoch (0 = epoch ends only).
     pub checkpoint_every: usize,
+    /// Share of each batch drawn from slices that contain a rare class (one under 5 % of the
+    /// labelled voxels, e.g. tumour); the rest follows the epoch's shuffled order.
+    pub oversample_rare: f64,
 }
 
 /// The checked-in defaults (`appliance/config/train.toml`).
@@ -90,7 +94,8 @@ pub const DEFAULT_TRAIN_TOML: &str = include_str!("../../config/train.toml");
 impl Default for TrainConfig {
     fn default() -> Self {
         // The embedded file is checked by a unit test; failing here is a build defect, not input.
-        toml::from_str(DEFAULT_TRAIN_TOML).expect("appliance/config/train.toml is a valid TrainConfig")
+        toml::from_str(DEFAULT_TRAIN_TOML)
+            .expect("appliance/config/train.toml is a valid TrainConfig")
     }
 }
 
@@ -111,11 +116,24 @@ impl TrainConfig {
                 self.model.classes
             )));
         }
-        if let Some(&c) = self.label_map.iter().find(|&&c| c as usize >= self.model.classes) {
-            return Err(TrainError::Config(format!("label map names class {c}, beyond the model's classes")));
+        if let Some(&c) = self
+            .label_map
+            .iter()
+            .find(|&&c| c as usize >= self.model.classes)
+        {
+            return Err(TrainError::Config(format!(
+                "label map names class {c}, beyond the model's classes"
+            )));
         }
         if self.epochs == 0 || self.batch_size == 0 {
-            return Err(TrainError::Config("epochs and batch_size must be at least 1".into()));
+            return Err(TrainError::Config(
+                "epochs and batch_size must be at least 1".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.oversample_rare) {
+            return Err(TrainError::Config(
+                "oversample_rare must be between 0 and 1".into(),
+            ));
         }
         if !(self.optimiser.lr > 0.0 && self.optimiser.lr.is_finite()) {
             return Err(TrainError::Config("learning rate must be positive".into()));
@@ -125,7 +143,8 @@ impl TrainConfig {
 
     /// Reads a TOML training configuration and validates it.
     pub fn from_toml(text: &str) -> Result<Self, TrainError> {
-        let cfg: TrainConfig = toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
+        let cfg: TrainConfig =
+            toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -159,13 +178,19 @@ mod tests {
             patch: [90, 96],
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("multiples of 8"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("multiples of 8"));
         let c = TrainConfig {
             label_map: vec![0, 7],
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("class 7"));
-        let e = TrainConfig::from_toml("epochs = 3").unwrap_err().to_string();
+        let e = TrainConfig::from_toml("epochs = 3")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing field"), "{e}");
     }
 }

@@ -3,10 +3,17 @@
 //! candle-nn's `AdamW` keeps its moments private; checkpoint/resume needs them, so the update is
 //! written here (Loshchilov & Hutter's decoupled weight decay, bias-corrected moments). Weight decay
 //! applies to convolution weights only, not to biases or normalisation parameters.
+//!
+//! On the CPU each variable's update is three in-place candle ops (first moment, second moment,
+//! weights), one pass each over memory, instead of a dozen tensor-wide ops that allocate; elsewhere
+//! the same update is written with candle's tensor ops.
 
 use std::collections::HashMap;
 
-use candle_core::{backprop::GradStore, Result, Tensor, Var};
+use candle_core::{
+    backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var,
+    WithDType,
+};
 use candle_nn::VarMap;
 
 /// Hyper-parameters.
@@ -58,12 +65,12 @@ impl AdamW {
         let mut slots = Vec::with_capacity(names.len());
         for name in names {
             let var = data[name].clone();
-            let zeros = var.as_tensor().zeros_like()?;
+            // Two allocations: the moments are updated in place.
             slots.push(Slot {
                 name: name.clone(),
                 decay: name.ends_with(".weight") && !name.contains(".norm"),
-                m: zeros.clone(),
-                v: zeros,
+                m: var.as_tensor().zeros_like()?,
+                v: var.as_tensor().zeros_like()?,
                 var,
             });
         }
@@ -92,6 +99,37 @@ impl AdamW {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
+            let theta = s.var.as_tensor();
+            if theta.device().is_cpu() && matches!(theta.dtype(), DType::F32 | DType::F64) {
+                let g = g.contiguous()?;
+                s.m.inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: c.beta1,
+                        square: false,
+                    },
+                )?;
+                s.v.inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: c.beta2,
+                        square: true,
+                    },
+                )?;
+                let step = Step {
+                    lr: c.lr,
+                    eps: c.eps,
+                    bc1,
+                    bc2,
+                    decay: if s.decay {
+                        1.0 - c.lr * c.weight_decay
+                    } else {
+                        1.0
+                    },
+                };
+                theta.inplace_op3(&s.m, &s.v, &step)?;
+                continue;
+            }
             s.m = ((&s.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&s.m / bc1)?;
@@ -108,12 +146,16 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments as named tensors (`opt.m.<var>`, `opt.v.<var>`), for a checkpoint.
+    /// The moments as named tensors (`opt.m.<var>`, `opt.v.<var>`), for a checkpoint. They are
+    /// copies: the optimiser updates its own in place.
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for s in &self.slots {
-            out.insert(format!("opt.m.{}", s.name), s.m.clone());
-            out.insert(format!("opt.v.{}", s.name), s.v.clone());
+            for (kind, t) in [("m", &s.m), ("v", &s.v)] {
+                // A copy cannot fail for a tensor that exists; keep the shared one if it did.
+                let t = t.copy().unwrap_or_else(|_| t.clone());
+                out.insert(format!("opt.{kind}.{}", s.name), t);
+            }
         }
         out
     }
@@ -130,13 +172,129 @@ impl AdamW {
             let m = get(format!("opt.m.{}", s.name))?;
             let v = get(format!("opt.v.{}", s.name))?;
             if m.dims() != s.m.dims() || v.dims() != s.v.dims() {
-                candle_core::bail!("checkpoint optimiser state for {} has the wrong shape", s.name);
+                candle_core::bail!(
+                    "checkpoint optimiser state for {} has the wrong shape",
+                    s.name
+                );
             }
-            s.m = m.to_device(s.m.device())?;
-            s.v = v.to_device(s.v.device())?;
+            s.m = m.to_device(s.m.device())?.to_dtype(s.m.dtype())?.copy()?;
+            s.v = v.to_device(s.v.device())?.to_dtype(s.v.dtype())?.copy()?;
         }
         self.step = step;
         Ok(())
+    }
+}
+
+/// The contiguous elements of a tensor's storage.
+fn elems<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("adamw: tensors must be contiguous"),
+    }
+}
+
+/// The element range of a contiguous tensor in its storage.
+fn range(l: &Layout) -> Result<std::ops::Range<usize>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => candle_core::bail!("adamw: tensors must be contiguous"),
+    }
+}
+
+/// `m ← β·m + (1 − β)·g` (or `g²` when `square`), in place.
+struct Moment {
+    beta: f64,
+    square: bool,
+}
+
+impl Moment {
+    fn run<T: WithDType>(&self, m: &mut [T], g: &[T]) -> Result<()> {
+        if m.len() != g.len() {
+            candle_core::bail!(
+                "adamw: moment of {} elements, gradient of {}",
+                m.len(),
+                g.len()
+            );
+        }
+        let (b, a) = (T::from_f64(self.beta), T::from_f64(1.0 - self.beta));
+        for (m, &g) in m.iter_mut().zip(g) {
+            let g = if self.square { g * g } else { g };
+            *m = *m * b + g * a;
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "cosilo-adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ms: &mut CpuStorage,
+        ml: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        let r = range(ml)?;
+        match ms {
+            CpuStorage::F32(m) => self.run::<f32>(&mut m[r], elems(gs, gl)?),
+            CpuStorage::F64(m) => self.run::<f64>(&mut m[r], elems(gs, gl)?),
+            _ => candle_core::bail!("adamw: unsupported dtype"),
+        }
+    }
+}
+
+/// `θ ← θ·decay − lr·(m/bc1) / (sqrt(v/bc2) + eps)`, in place.
+struct Step {
+    lr: f64,
+    eps: f64,
+    bc1: f64,
+    bc2: f64,
+    decay: f64,
+}
+
+impl Step {
+    fn run<T: WithDType>(&self, theta: &mut [T], m: &[T], v: &[T]) -> Result<()> {
+        if theta.len() != m.len() || theta.len() != v.len() {
+            candle_core::bail!("adamw: parameter and moments differ in size");
+        }
+        let (bc1, bc2) = (T::from_f64(self.bc1), T::from_f64(self.bc2));
+        let (eps, lr, decay) = (
+            T::from_f64(self.eps),
+            T::from_f64(self.lr),
+            T::from_f64(self.decay),
+        );
+        for ((t, &m), &v) in theta.iter_mut().zip(m).zip(v) {
+            let v_hat = (v / bc2).to_f64().sqrt();
+            let delta = (m / bc1) / (T::from_f64(v_hat) + eps);
+            *t = *t * decay - delta * lr;
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for Step {
+    fn name(&self) -> &'static str {
+        "cosilo-adamw-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ts: &mut CpuStorage,
+        tl: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        let r = range(tl)?;
+        match ts {
+            CpuStorage::F32(t) => self.run::<f32>(&mut t[r], elems(ms, ml)?, elems(vs, vl)?),
+            CpuStorage::F64(t) => self.run::<f64>(&mut t[r], elems(ms, ml)?, elems(vs, vl)?),
+            _ => candle_core::bail!("adamw: unsupported dtype"),
+        }
     }
 }
 
@@ -149,7 +307,15 @@ mod tests {
     fn minimises_a_quadratic_and_matches_the_formula() {
         let dev = Device::Cpu;
         let vars = VarMap::new();
-        let w = vars.get(3, "lin.weight", candle_nn::Init::Const(1.0), DType::F32, &dev).unwrap();
+        let w = vars
+            .get(
+                3,
+                "lin.weight",
+                candle_nn::Init::Const(1.0),
+                DType::F32,
+                &dev,
+            )
+            .unwrap();
         let target = Tensor::new(&[0.5f32, -2.0, 3.0], &dev).unwrap();
         let cfg = AdamWConfig {
             lr: 0.1,

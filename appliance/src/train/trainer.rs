@@ -44,11 +44,27 @@ pub struct EpochRecord {
 /// Progress reports for a front end (progress bar, log, federation status).
 #[derive(Debug, Clone)]
 pub enum TrainEvent {
-    Started { total_steps: usize, slices: usize, parameters: usize },
-    Resumed { epoch: usize, step_in_epoch: usize },
-    Step { epoch: usize, step_in_epoch: usize, steps_per_epoch: usize, loss: f32 },
+    Started {
+        total_steps: usize,
+        slices: usize,
+        parameters: usize,
+    },
+    Resumed {
+        epoch: usize,
+        step_in_epoch: usize,
+    },
+    Step {
+        epoch: usize,
+        step_in_epoch: usize,
+        steps_per_epoch: usize,
+        loss: f32,
+    },
     Epoch(EpochRecord),
-    Checkpoint { seq: u64, epoch: usize, step_in_epoch: usize },
+    Checkpoint {
+        seq: u64,
+        epoch: usize,
+        step_in_epoch: usize,
+    },
 }
 
 /// What a run produced.
@@ -78,6 +94,9 @@ struct CheckpointMeta {
 
 const CHECKPOINT_FORMAT: u32 = 1;
 
+/// A class under this share of the labelled voxels counts as rare for oversampling.
+const RARE_SHARE: f64 = 0.05;
+
 /// Serialises weights (and optimiser moments when given) as safetensors.
 pub fn weights_to_bytes(vars: &VarMap, opt: Option<&AdamW>) -> Result<Vec<u8>, TrainError> {
     let mut tensors: HashMap<String, Tensor> = vars
@@ -96,7 +115,11 @@ pub fn weights_to_bytes(vars: &VarMap, opt: Option<&AdamW>) -> Result<Vec<u8>, T
 }
 
 /// Loads weights saved by [`weights_to_bytes`] into a var map built for the same configuration.
-pub fn load_weights(vars: &VarMap, bytes: &[u8], device: &Device) -> Result<HashMap<String, Tensor>, TrainError> {
+pub fn load_weights(
+    vars: &VarMap,
+    bytes: &[u8],
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, TrainError> {
     let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
     let data = vars
         .data()
@@ -147,9 +170,12 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     cfg.validate()?;
     let prep = |v: &LabelledVolume| PreparedVolume::new(v, &cfg.normalisation, &cfg.label_map);
-    let set = SliceSet::new(train.iter().map(prep).collect());
+    let mut set = SliceSet::new(train.iter().map(prep).collect());
+    set.mark_rare(cfg.model.classes, RARE_SHARE);
     if set.is_empty() {
-        return Err(TrainError::NoData("no training slice contains a labelled voxel".into()));
+        return Err(TrainError::NoData(
+            "no training slice contains a labelled voxel".into(),
+        ));
     }
     let val: Vec<PreparedVolume> = val.iter().map(prep).collect();
     let (net, vars) = build(&cfg.model, device, cfg.seed)?;
@@ -166,7 +192,10 @@ pub fn train(
         let meta: CheckpointMeta = serde_json::from_value(meta)
             .map_err(|e| TrainError::Checkpoint(format!("unreadable checkpoint metadata: {e}")))?;
         if meta.format != CHECKPOINT_FORMAT {
-            return Err(TrainError::Checkpoint(format!("checkpoint format {} is unknown", meta.format)));
+            return Err(TrainError::Checkpoint(format!(
+                "checkpoint format {} is unknown",
+                meta.format
+            )));
         }
         if meta.config != *cfg {
             return Err(TrainError::ConfigChanged(run.to_string()));
@@ -182,7 +211,10 @@ pub fn train(
             step_in_epoch: start_step,
         });
         if meta.finished {
-            let final_scores = val.iter().map(|v| score(&net, v, device)).collect::<Result<_, _>>()?;
+            let final_scores = val
+                .iter()
+                .map(|v| score(&net, v, device))
+                .collect::<Result<_, _>>()?;
             return Ok(TrainOutcome {
                 net,
                 vars,
@@ -215,9 +247,11 @@ pub fn train(
             partial,
             finished,
         };
-        let meta = serde_json::to_value(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        let meta =
+            serde_json::to_value(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
         let bytes = weights_to_bytes(&vars, Some(opt))?;
-        sink.save(run, &meta, &bytes).map_err(TrainError::Checkpoint)
+        sink.save(run, &meta, &bytes)
+            .map_err(TrainError::Checkpoint)
     };
 
     let mut final_scores = Vec::new();
@@ -243,10 +277,21 @@ pub fn train(
             }
             let global = epoch * steps_per_epoch + step;
             opt.set_lr(lr_at(cfg, global, total));
-            let picks: Vec<usize> = (0..cfg.batch_size)
-                .map(|i| order[(step * cfg.batch_size + i) % order.len()])
-                .collect();
             let mut rng = Rng::derive(cfg.seed, 0x5_7e9 + global as u64);
+            let n_rare = if set.rare.is_empty() {
+                0
+            } else {
+                (cfg.batch_size as f64 * cfg.oversample_rare).round() as usize
+            };
+            let picks: Vec<usize> = (0..cfg.batch_size)
+                .map(|i| {
+                    if i < n_rare {
+                        set.rare[rng.below(set.rare.len())]
+                    } else {
+                        order[(step * cfg.batch_size + i) % order.len()]
+                    }
+                })
+                .collect();
             let [h, w] = cfg.patch;
             let batch = set.batch(&picks, h, w, &cfg.augment, &mut rng);
             let x = Tensor::from_vec(batch.image, (batch.b, 1, h, w), device)?;
@@ -271,7 +316,10 @@ pub fn train(
                 loss: value,
             });
             let done = step + 1;
-            if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 && done < steps_per_epoch {
+            if cfg.checkpoint_every > 0
+                && done % cfg.checkpoint_every == 0
+                && done < steps_per_epoch
+            {
                 let seq = save(&opt, epoch, done, &history, partial, false)?;
                 on_event(&TrainEvent::Checkpoint {
                     seq,
@@ -280,7 +328,10 @@ pub fn train(
                 });
             }
         }
-        final_scores = val.iter().map(|v| score(&net, v, device)).collect::<Result<_, _>>()?;
+        final_scores = val
+            .iter()
+            .map(|v| score(&net, v, device))
+            .collect::<Result<_, _>>()?;
         let n = partial.3.max(1) as f64;
         let record = EpochRecord {
             epoch,
@@ -384,6 +435,7 @@ mod tests {
             patch: [16, 16],
             augment: Augment::default(),
             checkpoint_every: 4,
+            oversample_rare: 0.25,
             optimiser: crate::train::AdamWConfig {
                 lr: 1e-2,
                 ..Default::default()
@@ -396,7 +448,12 @@ mod tests {
         let data = vars.data().lock().unwrap();
         let mut v: Vec<(String, Vec<f32>)> = data
             .iter()
-            .map(|(k, t)| (k.clone(), t.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+            .map(|(k, t)| {
+                (
+                    k.clone(),
+                    t.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+                )
+            })
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -410,11 +467,20 @@ mod tests {
         let sink = MemorySink::default();
         let stop = AtomicBool::new(false);
         let mut steps = 0;
-        let out = train(&cfg, "t", &data, &val, &sink, &Device::Cpu, &mut |e| {
-            if let TrainEvent::Step { .. } = e {
-                steps += 1
-            }
-        }, &stop)
+        let out = train(
+            &cfg,
+            "t",
+            &data,
+            &val,
+            &sink,
+            &Device::Cpu,
+            &mut |e| {
+                if let TrainEvent::Step { .. } = e {
+                    steps += 1
+                }
+            },
+            &stop,
+        )
         .unwrap();
         assert!(out.finished);
         assert_eq!(steps, 24);
@@ -434,30 +500,63 @@ mod tests {
         let data: Vec<_> = (0..3).map(toy_volume).collect();
         let straight_sink = MemorySink::default();
         let never = AtomicBool::new(false);
-        let straight = train(&cfg, "a", &data, &[], &straight_sink, &Device::Cpu, &mut |_| {}, &never).unwrap();
+        let straight = train(
+            &cfg,
+            "a",
+            &data,
+            &[],
+            &straight_sink,
+            &Device::Cpu,
+            &mut |_| {},
+            &never,
+        )
+        .unwrap();
 
         // Interrupt twice: mid-epoch (step 9 = epoch 1, step 3) and again later; resume each time.
         let sink = MemorySink::default();
         for stop_after in [9usize, 17] {
             let stop = AtomicBool::new(false);
             let mut n = 0;
-            let part = train(&cfg, "a", &data, &[], &sink, &Device::Cpu, &mut |e| {
-                if let TrainEvent::Step { .. } = e {
-                    n += 1;
-                    if n == stop_after - if stop_after == 17 { 9 } else { 0 } {
-                        stop.store(true, Ordering::SeqCst);
+            let part = train(
+                &cfg,
+                "a",
+                &data,
+                &[],
+                &sink,
+                &Device::Cpu,
+                &mut |e| {
+                    if let TrainEvent::Step { .. } = e {
+                        n += 1;
+                        if n == stop_after - if stop_after == 17 { 9 } else { 0 } {
+                            stop.store(true, Ordering::SeqCst);
+                        }
                     }
-                }
-            }, &stop)
+                },
+                &stop,
+            )
             .unwrap();
             assert!(!part.finished);
         }
-        let resumed = train(&cfg, "a", &data, &[], &sink, &Device::Cpu, &mut |_| {}, &never).unwrap();
+        let resumed = train(
+            &cfg,
+            "a",
+            &data,
+            &[],
+            &sink,
+            &Device::Cpu,
+            &mut |_| {},
+            &never,
+        )
+        .unwrap();
         assert!(resumed.finished);
         let (a, b) = (weights(&straight.vars), weights(&resumed.vars));
         for ((na, wa), (nb, wb)) in a.iter().zip(&b) {
             assert_eq!(na, nb);
-            let diff = wa.iter().zip(wb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let diff = wa
+                .iter()
+                .zip(wb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             assert!(diff < 1e-5, "{na} differs by {diff}");
         }
         let la: Vec<f64> = straight.history.iter().map(|h| h.loss).collect();
@@ -466,14 +565,34 @@ mod tests {
             assert!((x - y).abs() < 1e-5, "{la:?} vs {lb:?}");
         }
         // A finished run reopened does not train again, and a changed config is refused.
-        let again = train(&cfg, "a", &data, &[], &sink, &Device::Cpu, &mut |e| {
-            assert!(!matches!(e, TrainEvent::Step { .. }), "trained again");
-        }, &never)
+        let again = train(
+            &cfg,
+            "a",
+            &data,
+            &[],
+            &sink,
+            &Device::Cpu,
+            &mut |e| {
+                assert!(!matches!(e, TrainEvent::Step { .. }), "trained again");
+            },
+            &never,
+        )
         .unwrap();
         assert!(again.finished);
         let mut other = cfg.clone();
         other.epochs = 5;
-        let err = train(&other, "a", &data, &[], &sink, &Device::Cpu, &mut |_| {}, &never).err().unwrap();
+        let err = train(
+            &other,
+            "a",
+            &data,
+            &[],
+            &sink,
+            &Device::Cpu,
+            &mut |_| {},
+            &never,
+        )
+        .err()
+        .unwrap();
         assert!(matches!(err, TrainError::ConfigChanged(_)));
     }
 }

@@ -7,6 +7,11 @@
 //! channel axis, then two conv blocks. A 1×1 convolution gives one logit per class; softmax over the
 //! class axis turns them into probabilities (in the loss, and as the last node of the ONNX export).
 //!
+//! On the CPU the layers run as Cosilo's own kernels ([`super::ops`]: im2col + `gemm`
+//! convolutions, fused GroupNorm + ReLU, pooling), several times faster than candle's; on other
+//! devices, and through [`UNet::forward_with`]`(x, Ops::Reference)`, as candle's ops. Both compute
+//! the same function of the same parameters.
+//!
 //! GroupNorm normalises each image on its own, so the model behaves the same at batch size 1
 //! (inference, one slice at a time) as at the training batch size.
 //!
@@ -16,7 +21,11 @@
 //! `dec{l}.conv{a}.*`, `dec{l}.norm{a}.*`, `head.{weight,bias}`.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, VarBuilder, VarMap};
+use candle_nn::{
+    Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm, VarBuilder, VarMap,
+};
+
+use super::ops;
 use serde::{Deserialize, Serialize};
 
 use crate::rng::Rng;
@@ -79,11 +88,25 @@ impl UNetConfig {
 
 const GN_EPS: f64 = 1e-5;
 
+/// Which implementation of the layers a forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ops {
+    /// [`super::ops`]: Cosilo's CPU kernels, candle's ops on other devices.
+    #[default]
+    Fast,
+    /// candle's own ops (`candle_nn` layers, reshape + max pool, `Tensor::cat`) everywhere.
+    Reference,
+}
+
 /// conv3×3 → GroupNorm → ReLU.
 #[derive(Debug, Clone)]
 struct ConvBlock {
     conv: Conv2d,
     norm: GroupNorm,
+    groups: usize,
+    /// GroupNorm scale and shift (the same variables `norm` holds).
+    gamma: Tensor,
+    beta: Tensor,
 }
 
 impl ConvBlock {
@@ -92,14 +115,29 @@ impl ConvBlock {
             padding: 1,
             ..Default::default()
         };
+        let conv = candle_nn::conv2d(cin, cout, 3, cfg, vb.pp(format!("conv{a}")))?;
+        // What `candle_nn::group_norm` creates, kept at hand for the fused kernel.
+        let nb = vb.pp(format!("norm{a}"));
+        let gamma = nb.get_with_hints(cout, "weight", candle_nn::Init::Const(1.))?;
+        let beta = nb.get_with_hints(cout, "bias", candle_nn::Init::Const(0.))?;
+        let norm = GroupNorm::new(gamma.clone(), beta.clone(), cout, groups, GN_EPS)?;
         Ok(ConvBlock {
-            conv: candle_nn::conv2d(cin, cout, 3, cfg, vb.pp(format!("conv{a}")))?,
-            norm: candle_nn::group_norm(groups, cout, GN_EPS, vb.pp(format!("norm{a}")))?,
+            conv,
+            norm,
+            groups,
+            gamma,
+            beta,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.norm.forward(&self.conv.forward(x)?)?.relu()
+    fn forward(&self, x: &Tensor, kind: Ops) -> Result<Tensor> {
+        match (kind, self.conv.bias()) {
+            (Ops::Fast, Some(bias)) => {
+                let z = ops::conv2d(x, self.conv.weight(), bias, self.conv.config().padding)?;
+                ops::group_norm_relu(&z, &self.gamma, &self.beta, self.groups, GN_EPS)
+            }
+            _ => self.norm.forward(&self.conv.forward(x)?)?.relu(),
+        }
     }
 }
 
@@ -117,16 +155,15 @@ impl Level {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.b.forward(&self.a.forward(x)?)
+    fn forward(&self, x: &Tensor, kind: Ops) -> Result<Tensor> {
+        self.b.forward(&self.a.forward(x, kind)?, kind)
     }
 }
 
 /// 2×2 max-pool with a correct gradient: reshape to (b, c, h/2, 2, w/2, 2) and take the maximum
 /// over the two window axes.
 pub fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+    ops::reference::max_pool_2x2(x)
 }
 
 /// The U-Net.
@@ -151,7 +188,12 @@ impl UNet {
             } else {
                 config.width(l - 1)
             };
-            enc.push(Level::new(cin, config.width(l), g, vb.pp(format!("enc{l}")))?);
+            enc.push(Level::new(
+                cin,
+                config.width(l),
+                g,
+                vb.pp(format!("enc{l}")),
+            )?);
         }
         let mut up = Vec::new();
         let mut dec = Vec::new();
@@ -197,6 +239,12 @@ impl UNet {
 
     /// Logits `(b, classes, h, w)` for input `(b, in_channels, h, w)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Ops::Fast)
+    }
+
+    /// [`UNet::forward`] with a chosen implementation of the layers (`Ops::Reference`: candle's
+    /// own ops, to check the fast kernels against).
+    pub fn forward_with(&self, x: &Tensor, kind: Ops) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let m = self.config.multiple();
         if h % m != 0 || w % m != 0 {
@@ -205,18 +253,30 @@ impl UNet {
         let mut skips = Vec::with_capacity(self.config.depth);
         let mut x = x.clone();
         for (l, level) in self.enc.iter().enumerate() {
-            x = level.forward(&x)?;
+            x = level.forward(&x, kind)?;
             if l < self.config.depth {
                 skips.push(x.clone());
-                x = max_pool_2x2(&x)?;
+                x = match kind {
+                    Ops::Fast => ops::max_pool_2x2(&x)?,
+                    Ops::Reference => max_pool_2x2(&x)?,
+                };
             }
         }
         for l in (0..self.config.depth).rev() {
-            let up = self.up[l].forward(&x)?;
-            let cat = Tensor::cat(&[&skips[l], &up], 1)?;
-            x = self.dec[l].forward(&cat)?;
+            let up = &self.up[l];
+            x = match (kind, up.bias()) {
+                (Ops::Fast, Some(b)) => {
+                    let up = ops::conv_transpose_2x2(&x, up.weight(), b)?;
+                    ops::cat_channels(&skips[l], &up)?
+                }
+                _ => Tensor::cat(&[&skips[l], &up.forward(&x)?], 1)?,
+            };
+            x = self.dec[l].forward(&x, kind)?;
         }
-        self.head.forward(&x)
+        match (kind, self.head.bias()) {
+            (Ops::Fast, Some(b)) => ops::conv2d(&x, self.head.weight(), b, 0),
+            _ => self.head.forward(&x),
+        }
     }
 
     /// Class probabilities `(b, classes, h, w)`.
@@ -238,7 +298,10 @@ pub fn build(config: &UNetConfig, device: &Device, seed: u64) -> Result<(UNet, V
     let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
     let net = UNet::new(config, vb)?;
     let mut rng = Rng::new(seed);
-    let data = vars.data().lock().map_err(|_| candle_core::Error::msg("poisoned var map"))?;
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("poisoned var map"))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {
@@ -299,7 +362,9 @@ mod tests {
         let y2 = net2.forward(&x).unwrap();
         let diff = (y - y2).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
-        assert!(net.forward(&Tensor::zeros((1, 1, 10, 16), DType::F32, &dev).unwrap()).is_err());
+        assert!(net
+            .forward(&Tensor::zeros((1, 1, 10, 16), DType::F32, &dev).unwrap())
+            .is_err());
     }
 
     fn expected_params(c: &UNetConfig) -> usize {
@@ -307,7 +372,11 @@ mod tests {
         let block = |cin: usize, cout: usize| conv(cin, cout, 3) + 2 * cout;
         let mut n = 0;
         for l in 0..=c.depth {
-            let cin = if l == 0 { c.in_channels } else { c.width(l - 1) };
+            let cin = if l == 0 {
+                c.in_channels
+            } else {
+                c.width(l - 1)
+            };
             n += block(cin, c.width(l)) + block(c.width(l), c.width(l));
         }
         for l in 0..c.depth {
