@@ -41,13 +41,17 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
         .map(|m| m * mag)
         .find(|s| span / s <= 6.0)
         .unwrap_or(10.0 * mag);
-    let mut t = (lo / step).ceil() * step;
-    let mut out = Vec::new();
-    while t <= hi + step * 1e-9 {
-        out.push(if t.abs() < step * 1e-9 { 0.0 } else { t });
-        t += step;
-    }
-    out
+    let first = (lo / step - 1e-9).ceil() as i64;
+    let last = (hi / step + 1e-9).floor() as i64;
+    // i · step, rounded to 10 decimals so that 3 × 0.2 is the tick 0.6, not 0.6000000000000001.
+    (first..=last)
+        .map(|i| {
+            format!("{:.10}", i as f64 * step)
+                .parse::<f64>()
+                .unwrap_or(i as f64 * step)
+        })
+        .map(|t| if t == 0.0 { 0.0 } else { t })
+        .collect()
 }
 
 fn fmt_tick(v: f64) -> String {
@@ -203,5 +207,7 @@ mod tests {
         // The NaN point is dropped, not drawn.
         assert_eq!(svg.matches("<circle").count(), 5);
         assert_eq!(ticks(0.0, 1.0), vec![0.0, 0.2, 0.4, 0.6, 0.8, 1.0]);
+        assert_eq!(ticks(0.55, 0.87), vec![0.6, 0.7, 0.8]);
+        assert_eq!(ticks(-3.0, 12.0), vec![-2.5, 0.0, 2.5, 5.0, 7.5, 10.0]);
     }
 }
