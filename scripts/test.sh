@@ -20,4 +20,10 @@ say "fetch real anatomy into $COSILO_CACHE"
 cargo run --quiet --release -p cosilo-appliance -- data fetch
 
 say "cargo test"
-cargo test --workspace --release 2>&1 | tee "${TMPDIR:-/tmp}/cosilo-test.log"
+LOG="$(mktemp)"
+cargo test --workspace --release 2>&1 | tee "$LOG"
+
+# One closing line over every test binary (cargo's own last line is often a doc-test binary
+# with nothing in it).
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d ignored\n", p, f, i }' "$LOG"
+rm -f "$LOG"
