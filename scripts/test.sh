@@ -25,5 +25,5 @@ cargo test --workspace --release 2>&1 | tee "$LOG"
 
 # One closing line over every test binary (cargo's own last line is often a doc-test binary
 # with nothing in it).
-awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d ignored\n", p, f, i }' "$LOG"
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$LOG"
 rm -f "$LOG"
