@@ -6,8 +6,9 @@ Directly: `python3 bench/train_vs_pytorch.py --candle-bin target/release/example
 
 For every size it runs, in separate processes (so each peak RSS is its own) and alternating round
 by round so that both meet the same machine load: the candle step timer
-(`appliance/examples/train_step.rs`, Cosilo's CPU ops), the PyTorch step below, and once the candle
-step with candle's own ops (`COSILO_REFERENCE_OPS=1`, the step before Cosilo's ops). Each run
+(`appliance/examples/train_step.rs`, Cosilo's CPU ops), the PyTorch step below, and in the first
+and last rounds the candle step with candle's own layers and loss (`COSILO_REFERENCE_OPS=1`: the
+step before Cosilo's ops, except that the optimiser is the in-place AdamW in both). Each run
 reports the median wall time of its timed steps (after one warm-up step) and the process CPU time
 per step. Other jobs on a shared machine only ever add time, so the table compares each side's
 quietest run (lowest median); every run is listed with the load average beside it.
@@ -188,7 +189,8 @@ def main():
     ap.add_argument("--candle-bin", default="target/release/examples/train_step")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per run (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=3, help="runs per implementation and size")
-    ap.add_argument("--reference-steps", type=int, default=3, help="timed steps of the one reference run (0: skip)")
+    ap.add_argument("--reference-steps", type=int, default=3, help="timed steps of each reference run (0: skip)")
+    ap.add_argument("--reference-runs", type=int, default=2, help="reference runs per size (first and last rounds)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="write the markdown table here too")
     args = ap.parse_args()
@@ -207,11 +209,15 @@ def main():
         dims = [str(v) for v in (base, depth, batch, h, w)]
         runs = []
         plan = []
+        ref = ("candle-reference", [args.candle_bin, *dims, str(args.reference_steps)], ref_env)
+        ref_runs = args.reference_runs if args.reference_steps > 0 else 0
         for r in range(args.rounds):
+            if r == 0 and ref_runs > 1:
+                plan.append(ref)
             plan.append(("candle", [args.candle_bin, *dims, str(args.steps)], env))
             plan.append(("pytorch", [sys.executable, __file__, "--worker", *dims, str(args.steps)], env))
-        if args.reference_steps > 0:
-            plan.append(("candle-reference", [args.candle_bin, *dims, str(args.reference_steps)], ref_env))
+        if ref_runs > 0:
+            plan.append(ref)
         for name, cmd, e in plan:
             before = loadavg()
             r = run_json(cmd, e)

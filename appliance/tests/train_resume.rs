@@ -127,6 +127,8 @@ fn killed_training_resumes_to_the_same_model() {
         .arg(&interrupted)
         .arg("--config")
         .arg(&cfg)
+        .arg("--report")
+        .arg(tmp.path().join("report-killed"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -152,6 +154,8 @@ fn killed_training_resumes_to_the_same_model() {
         .arg(&interrupted)
         .arg("--config")
         .arg(&cfg)
+        .arg("--report")
+        .arg(tmp.path().join("report-resumed"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -419,6 +419,53 @@ fn custom_group_norm_relu_matches_candle_and_finite_differences() {
 }
 
 #[test]
+fn fused_conv_block_matches_candle_and_finite_differences() {
+    let mut rng = Rng::new(95);
+    let block = |t: &[Tensor], p: usize, groups: usize| {
+        ops::conv_group_norm_relu(&t[0], &t[1], &t[2], &t[3], &t[4], p, groups, 1e-5).unwrap()
+    };
+    let candle = |t: &[Tensor], p: usize, groups: usize| {
+        let z = reference::conv2d(&t[0], &t[1], &t[2], p).unwrap();
+        reference::group_norm_relu(&z, &t[3], &t[4], groups, 1e-5).unwrap()
+    };
+    // (dtype, n, cin, h, w, cout, k, padding, groups): f64 takes im2col, f32 the direct kernels.
+    for (dtype, n, cin, h, w, cout, k, p, groups) in [
+        (DType::F64, 2, 3, 7, 5, 4, 3, 1, 2),
+        (DType::F64, 1, 2, 6, 6, 6, 3, 0, 3),
+        (DType::F64, 3, 4, 5, 4, 4, 1, 0, 4),
+        (DType::F32, 2, 4, 9, 13, 8, 3, 1, 4),
+        (DType::F32, 1, 1, 16, 16, 4, 3, 1, 2),
+    ] {
+        let mut inputs = conv_case(&mut rng, n, cin, h, w, cout, k);
+        inputs.push(random(&[cout], &mut rng));
+        inputs.push((random(&[cout], &mut rng) * 0.5).unwrap());
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+        let tol = if dtype == DType::F64 { 1e-9 } else { 1e-4 };
+        agrees_within(
+            &format!("conv_group_norm_relu {dtype:?} {n}×{cin}×{h}×{w} → {cout}, k{k} p{p}"),
+            &inputs,
+            &|t| block(t, p, groups),
+            &|t| candle(t, p, groups),
+            96,
+            tol,
+        );
+    }
+    let mut t = conv_case(&mut rng, 2, 3, 5, 6, 4, 3);
+    t.push(random(&[4], &mut rng));
+    t.push(random(&[4], &mut rng));
+    let with = |i: usize, v: &Tensor| {
+        let mut u = t.clone();
+        u[i] = v.clone();
+        block(&u, 1, 2)
+    };
+    check("fused block input", &t[0], &|v| with(0, v), 30, 97);
+    check("fused block weight", &t[1], &|v| with(1, v), 30, 98);
+    check("fused block bias", &t[2], &|v| with(2, v), 4, 99);
+    check("fused block gamma", &t[3], &|v| with(3, v), 4, 100);
+    check("fused block beta", &t[4], &|v| with(4, v), 4, 101);
+}
+
+#[test]
 fn custom_max_pool_matches_candle_and_finite_differences() {
     let mut rng = Rng::new(50);
     for (n, c, h, w) in [(1, 1, 2, 2), (2, 3, 6, 4), (1, 2, 10, 14)] {

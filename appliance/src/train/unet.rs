@@ -7,10 +7,11 @@
 //! channel axis, then two conv blocks. A 1×1 convolution gives one logit per class; softmax over the
 //! class axis turns them into probabilities (in the loss, and as the last node of the ONNX export).
 //!
-//! On the CPU the layers run as Cosilo's own kernels ([`super::ops`]: im2col + `gemm`
-//! convolutions, fused GroupNorm + ReLU, pooling), several times faster than candle's; on other
-//! devices, and through [`UNet::forward_with`]`(x, Ops::Reference)`, as candle's ops. Both compute
-//! the same function of the same parameters.
+//! On the CPU the layers run as Cosilo's own kernels ([`super::ops`]: each conv → GroupNorm →
+//! ReLU block as one op with direct AVX2 or im2col + `gemm` convolutions, pooling, transposed
+//! convolution, concatenation), ~12× faster than candle's for a training step; on other devices,
+//! and through [`UNet::forward_with`]`(x, Ops::Reference)`, as candle's ops. Both compute the same
+//! function of the same parameters (`gradcheck` compares them).
 //!
 //! GroupNorm normalises each image on its own, so the model behaves the same at batch size 1
 //! (inference, one slice at a time) as at the training batch size.
@@ -132,10 +133,16 @@ impl ConvBlock {
 
     fn forward(&self, x: &Tensor, kind: Ops) -> Result<Tensor> {
         match (kind, self.conv.bias()) {
-            (Ops::Fast, Some(bias)) => {
-                let z = ops::conv2d(x, self.conv.weight(), bias, self.conv.config().padding)?;
-                ops::group_norm_relu(&z, &self.gamma, &self.beta, self.groups, GN_EPS)
-            }
+            (Ops::Fast, Some(bias)) => ops::conv_group_norm_relu(
+                x,
+                self.conv.weight(),
+                bias,
+                &self.gamma,
+                &self.beta,
+                self.conv.config().padding,
+                self.groups,
+                GN_EPS,
+            ),
             _ => self.norm.forward(&self.conv.forward(x)?)?.relu(),
         }
     }

@@ -41,20 +41,69 @@ pub fn conv_transpose_2x2(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> 
 
 /// Geometry of one stride-1 convolution.
 #[derive(Debug, Clone, Copy)]
-struct Geom {
-    n: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    cout: usize,
-    k: usize,
-    pad: usize,
-    ho: usize,
-    wo: usize,
+pub(super) struct Geom {
+    pub n: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub pad: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+/// The convolution kernels for one element type: the direct AVX2 ones for f32 where they apply,
+/// im2col + `gemm` otherwise.
+pub(super) trait Convolve: Real {
+    /// `y = conv(x, w) (+ b)`, `(n, cout, ho, wo)`.
+    fn conv(x: &[Self], w: &[Self], b: Option<&[Self]>, g: &Geom) -> Vec<Self> {
+        conv_forward(x, w, b, g)
+    }
+
+    /// `[dw, db]` for `dy (n, cout, ho, wo)` of the convolution `g` of `x`.
+    fn conv_weight_grad(x: &[Self], dy: &[Self], g: &Geom) -> Vec<Self> {
+        weight_grad_im2col(x, dy, g)
+    }
+}
+
+/// `[dw, db]` with im2col tiles × `gemm`, per image, summed over the images.
+fn weight_grad_im2col<T: Real>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
+    let kk = g.patch();
+    let (per_x, per_y) = (g.cin * g.h * g.w, g.cout * g.ho * g.wo);
+    sum_over_images::<T>(g.n, g.cout * kk + g.cout, |i, acc, gt| {
+        weight_grad_image(
+            &x[i * per_x..][..per_x],
+            &dy[i * per_y..][..per_y],
+            g,
+            acc,
+            gt,
+        )
+    })
+}
+
+impl Convolve for f64 {}
+
+impl Convolve for f32 {
+    fn conv(x: &[f32], w: &[f32], b: Option<&[f32]>, g: &Geom) -> Vec<f32> {
+        if use_direct(g) {
+            direct_forward(x, w, b, g)
+        } else {
+            conv_forward(x, w, b, g)
+        }
+    }
+
+    fn conv_weight_grad(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
+        if use_direct(g) {
+            direct_weight_grad(x, dy, g)
+        } else {
+            weight_grad_im2col(x, dy, g)
+        }
+    }
 }
 
 impl Geom {
-    fn new(
+    pub(super) fn new(
         n: usize,
         cin: usize,
         h: usize,
@@ -82,7 +131,7 @@ impl Geom {
     }
 
     /// Rows of the unfolded matrix (`cin · k · k`).
-    fn patch(&self) -> usize {
+    pub(super) fn patch(&self) -> usize {
         self.cin * self.k * self.k
     }
 
@@ -375,20 +424,9 @@ impl CustomOp3 for Conv2d {
             );
         }
         let g = Geom::new(n, cin, h, w, cout, k, self.padding)?;
-        if let (CpuStorage::F32(_), true) = (xs, use_direct(&g)) {
-            return super::profile::timed("cosilo-conv2d (direct)", || {
-                let y = direct_forward(
-                    data(self.name(), xs, xl)?,
-                    data(self.name(), ws, wl)?,
-                    Some(data(self.name(), bs, bl)?),
-                    &g,
-                );
-                Ok((storage(y), Shape::from((n, cout, g.ho, g.wo))))
-            });
-        }
         super::profile::timed(self.name(), || {
             dispatch!("conv2d", xs, |T| {
-                let y = conv_forward::<T>(
+                let y = T::conv(
                     data(self.name(), xs, xl)?,
                     data(self.name(), ws, wl)?,
                     Some(data(self.name(), bs, bl)?),
@@ -431,6 +469,11 @@ impl CustomOp3 for Conv2d {
     }
 }
 
+/// `dx` of a stride-1 convolution with `padding` from `dy` and the weights `w`.
+pub(super) fn input_grad(dy: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
+    dy.apply_op2_no_bwd(w, &ConvInputGrad { padding })
+}
+
 /// `dx` of [`Conv2d`] from `(dy, w)`.
 struct ConvInputGrad {
     padding: usize,
@@ -459,17 +502,10 @@ impl CustomOp2 for ConvInputGrad {
         }
         // dx = conv(dy, flip(w)ᵀ, padding k − 1 − p): a convolution from cout to cin channels.
         let g = Geom::new(n, cout, ho, wo, cin, k, k - 1 - self.padding)?;
-        if let (CpuStorage::F32(_), true) = (ds, use_direct(&g)) {
-            return super::profile::timed("cosilo-conv2d-input-grad (direct)", || {
-                let wt = flip_transpose::<f32>(data(self.name(), ws, wl)?, cout, cin, k);
-                let dx = direct_forward(data(self.name(), ds, dl)?, &wt, None, &g);
-                Ok((storage(dx), Shape::from((n, cin, g.ho, g.wo))))
-            });
-        }
         super::profile::timed(self.name(), || {
             dispatch!("conv2d backward", ds, |T| {
                 let wt = flip_transpose::<T>(data(self.name(), ws, wl)?, cout, cin, k);
-                let dx = conv_forward::<T>(data(self.name(), ds, dl)?, &wt, None, &g);
+                let dx = T::conv(data(self.name(), ds, dl)?, &wt, None, &g);
                 Ok((storage(dx), Shape::from((n, cin, g.ho, g.wo))))
             })
         })
@@ -500,29 +536,12 @@ impl CustomOp2 for ConvWeightGrad {
         if xn != n || k == 0 || g.ho != ho || g.wo != wo {
             candle_core::bail!("conv2d backward: dy {:?}, x {:?}", dl.shape(), xl.shape());
         }
-        if let (CpuStorage::F32(_), true) = (ds, use_direct(&g)) {
-            return super::profile::timed("cosilo-conv2d-weight-grad (direct)", || {
-                let packed =
-                    direct_weight_grad(data(self.name(), xs, xl)?, data(self.name(), ds, dl)?, &g);
-                let len = packed.len();
-                Ok((storage(packed), Shape::from(len)))
-            });
-        }
         super::profile::timed(self.name(), || {
             dispatch!("conv2d backward", ds, |T| {
                 let dy = data::<T>(self.name(), ds, dl)?;
                 let x = data::<T>(self.name(), xs, xl)?;
-                let kk = g.patch();
-                let nw = cout * kk;
-                let packed = sum_over_images::<T>(n, nw + cout, |i, acc, gt| {
-                    weight_grad_image(
-                        &x[i * cin * h * w..][..cin * h * w],
-                        &dy[i * cout * ho * wo..][..cout * ho * wo],
-                        &g,
-                        acc,
-                        gt,
-                    )
-                });
+                let packed = T::conv_weight_grad(x, dy, &g);
+                let nw = cout * g.patch();
                 Ok((storage(packed), Shape::from(nw + cout)))
             })
         })

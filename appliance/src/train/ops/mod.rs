@@ -1,13 +1,16 @@
 //! Fast CPU operations for the U-Net, inside candle's autograd.
 //!
-//! candle 0.11.1's CPU convolutions run at 12-75 GFLOP/s forward and 3-5× that backward, and its
-//! element-wise ops (one tensor per op, single-threaded) make GroupNorm cost ~10 full passes each
-//! way (DEPS.md). These ops do the same maths as candle's with multi-threaded kernels, as candle
+//! candle 0.11.1's CPU convolutions run at 12-75 GFLOP/s forward and 3-5× slower backward, and
+//! its element-wise ops (a full pass and a fresh tensor each) make GroupNorm cost ~10 passes each
+//! way (DEPS.md; profile in `bench/results/train_profile.md`). These ops do the same maths as candle's with multi-threaded kernels, as candle
 //! custom ops (`CustomOp1/2/3` with `bwd`) so that `Tensor::backward` still drives them:
 //!
-//! - [`conv2d`]: stride-1 convolution + bias as im2col tiles × `gemm`; its input gradient is the
-//!   same kernel on the flipped, transposed weights, its weight gradient another `gemm` per tile.
+//! - [`conv2d`]: stride-1 convolution + bias: direct AVX2 kernels for 3×3 in f32 (`direct`),
+//!   else im2col tiles × `gemm`; its input gradient is the same kernel on the flipped, transposed
+//!   weights, its weight gradient a direct kernel or another `gemm` per tile.
 //! - [`group_norm_relu`]: GroupNorm and ReLU in one pass each way, with a hand-written backward.
+//! - [`conv_group_norm_relu`]: the two above as one graph node (the U-Net's blocks), which saves
+//!   candle's backward a full-size gradient buffer per block.
 //! - [`max_pool_2x2`]: 2×2 max-pool whose gradient goes to every element equal to the maximum,
 //!   like the reshape + max formulation it replaces (candle's `max_pool2d` gradient is wrong).
 //! - [`conv_transpose_2x2`]: the 2×2 stride-2 transposed convolution + bias as one `gemm`.
@@ -29,6 +32,7 @@
 //! model, ~10% of its CPU time on a VM). The first custom op call therefore asks glibc to keep
 //! freed memory for reuse ([`keep_freed_memory`]; `COSILO_MALLOC_TUNE=0` leaves glibc alone).
 
+mod block;
 mod conv;
 mod direct;
 mod gemm;
@@ -40,6 +44,7 @@ mod shape;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
 
+pub use block::conv_group_norm_relu;
 pub use conv::{conv2d, conv_transpose_2x2};
 pub use loss::dice_cross_entropy;
 pub use norm::group_norm_relu;

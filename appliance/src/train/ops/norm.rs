@@ -105,7 +105,7 @@ fn affine<T: Real>(gamma: T, beta: T, mean: f64, rstd: f64) -> (T, T) {
     )
 }
 
-fn forward<T: Real>(
+pub(super) fn forward<T: Real>(
     x: &[T],
     gamma: &[T],
     beta: &[T],
@@ -238,7 +238,7 @@ fn lane_sum2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward<T: Real>(
+pub(super) fn backward<T: Real>(
     x: &[T],
     dy: &[T],
     gamma: &[T],
@@ -247,12 +247,15 @@ fn backward<T: Real>(
     groups: usize,
     eps: f64,
     saved: &[(f64, f64)],
+    spare: usize,
 ) -> Vec<T> {
     let c = gamma.len();
     let cpg = c / groups;
     let len = x.len();
-    let mut packed = par::zeroed(len + 2 * c);
+    // `spare` zeros at the end are the caller's, to pack more gradients without a copy.
+    let mut packed = par::zeroed(len + 2 * c + spare);
     let (dx, dparams) = packed.split_at_mut(len);
+    let dparams = &mut dparams[..2 * c];
     // Per (image, channel): (Σ dz, Σ dz·x̂).
     let gl = cpg * hw;
     let sums: Vec<Vec<(f64, f64)>> = par::map_chunks(dx, gl, |i, dxg| {
@@ -352,6 +355,7 @@ impl CustomOp3 for GroupNormReluGrad {
                     self.groups,
                     self.eps,
                     saved,
+                    0,
                 );
                 let len = packed.len();
                 Ok((storage(packed), Shape::from(len)))
