@@ -55,22 +55,8 @@ pub struct GridRecord {
     pub affine: [[f64; 4]; 4],
 }
 
-/// Training or held-out test case.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Split {
-    Train,
-    Test,
-}
-
-impl Split {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Test => "test",
-        }
-    }
-}
+/// Training or held-out test case: the store's own split, so a manifest's cases import as they are.
+pub use crate::store::Split;
 
 /// One simulated patient.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
