@@ -83,9 +83,8 @@ struct SegmentArgs {
 
 #[derive(clap::Args, Debug)]
 struct ImportArgs {
-    /// The store directory.
-    #[arg(long, env = "COSILO_STORE", default_value = "./cosilo-store")]
-    store: PathBuf,
+    #[command(flatten)]
+    store: StoreDir,
     /// A cohort manifest (manifest.json); its image/label paths are relative to its directory.
     #[arg(long, required_unless_present = "image", conflicts_with_all = ["image", "label", "id", "split"])]
     manifest: Option<PathBuf>,
@@ -108,9 +107,8 @@ struct ImportArgs {
 
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
-    /// The store directory.
-    #[arg(long, env = "COSILO_STORE", default_value = "./cosilo-store")]
-    store: PathBuf,
+    #[command(flatten)]
+    store: StoreDir,
     /// The run's name; an interrupted run of the same name resumes from its last checkpoint.
     #[arg(long, default_value = "local")]
     run: String,
@@ -136,9 +134,8 @@ struct TrainArgs {
 
 #[derive(clap::Args, Debug)]
 struct ExportArgs {
-    /// The store directory.
-    #[arg(long, env = "COSILO_STORE", default_value = "./cosilo-store")]
-    store: PathBuf,
+    #[command(flatten)]
+    store: StoreDir,
     /// The run to export (its newest checkpoint).
     #[arg(long, default_value = "local")]
     run: String,
@@ -149,9 +146,8 @@ struct ExportArgs {
 
 #[derive(clap::Args, Debug)]
 struct EvalArgs {
-    /// The store directory.
-    #[arg(long, env = "COSILO_STORE", default_value = "./cosilo-store")]
-    store: PathBuf,
+    #[command(flatten)]
+    store: StoreDir,
     /// The run to score.
     #[arg(long, default_value = "local")]
     run: String,
@@ -163,18 +159,24 @@ struct EvalArgs {
     report: Option<PathBuf>,
 }
 
-fn default_cache() -> PathBuf {
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(x).join("cosilo");
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache").join("cosilo"),
-        None => PathBuf::from(".cosilo-cache"),
-    }
+/// The appliance store every store-using command takes.
+#[derive(clap::Args, Debug)]
+struct StoreDir {
+    /// The store directory.
+    #[arg(
+        long = "store",
+        value_name = "DIR",
+        env = "COSILO_STORE",
+        default_value = "./cosilo-store"
+    )]
+    path: PathBuf,
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let cache = cli.cache.clone().unwrap_or_else(default_cache);
+    let cache = cli
+        .cache
+        .clone()
+        .unwrap_or_else(cosilo_appliance::fetch::default_cache_dir);
     match cli.command {
         Command::Import(args) => import(args),
         Command::Segment(args) => segment(args),
@@ -291,7 +293,7 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
         }],
         _ => anyhow::bail!("give --manifest, or --image, --label, --id, --split and --hospital"),
     };
-    let store = Store::open(&args.store)?;
+    let store = Store::open(&args.store.path)?;
     let report = store::import::import_all(&store, &requests)?;
     print!("{report}");
     if !report.refused.is_empty() {
@@ -329,7 +331,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         cfg.model.base = b;
     }
     cfg.validate()?;
-    let store = Store::open(&args.store)?;
+    let store = Store::open(&args.store.path)?;
     let device = cosilo_appliance::train::device()?;
     let stop = std::sync::atomic::AtomicBool::new(false);
     let style = ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
@@ -418,7 +420,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 
 /// `cosilo export`.
 fn export(args: ExportArgs) -> anyhow::Result<()> {
-    let store = cosilo_appliance::store::Store::open(&args.store)?;
+    let store = cosilo_appliance::store::Store::open(&args.store.path)?;
     let device = cosilo_appliance::train::device()?;
     let info = cosilo_appliance::local::export_run(&store, &args.run, &args.out, &device)?;
     println!(
@@ -438,7 +440,7 @@ fn evaluate(args: EvalArgs) -> anyhow::Result<()> {
         local,
         store::{Split, Store},
     };
-    let store = Store::open(&args.store)?;
+    let store = Store::open(&args.store.path)?;
     let device = cosilo_appliance::train::device()?;
     let (net, _, cfg) = local::load_model(&store, &args.run, &device)?;
     let test = local::load_volumes(&store, args.hospital.as_deref(), Split::Test)?;
