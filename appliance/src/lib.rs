@@ -9,6 +9,7 @@
 //! - [`store`]: the dataset and model store; the only module that names `sled`.
 //! - [`train`]: the 2-D U-Net, its loss, augmentation, the trainer and evaluation (candle).
 //! - [`local`]: one site's pipeline: store → training → evaluation → report.
+//! - [`federation`]: the wire protocol, keys, MQTT link, embedded broker and strategies.
 //! - [`export`]: writes a trained model as an ONNX bundle the SDK can run.
 //! - [`plot`]: PNG images (cohort montages) for people to look at.
 //! - [`chart`]: SVG line charts (training curves, method comparisons).
@@ -17,6 +18,7 @@
 pub mod chart;
 pub mod cohort;
 pub mod export;
+pub mod federation;
 pub mod fetch;
 pub mod local;
 pub mod plot;

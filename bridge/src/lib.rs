@@ -4,8 +4,23 @@
 //! it, assembles series into volumes with their geometry ([`cosilo_sdk::volume::Volume`]), reads
 //! labels (DICOM SEG, NIfTI) and writes results back to the PACS as DICOM SEG.
 //!
-//! Its capability is tracked by its own issue (PACS bridge); until then the appliance imports
-//! NIfTI pairs. This crate already fixes the boundary: the bridge hands the appliance volumes in
-//! the SDK's types, and never the other way round.
+//! Module map:
+//! - [`dimse`]: DIMSE command sets (C-ECHO, C-STORE, C-FIND, C-MOVE), built in one place.
+//! - [`scp`]: the DICOM service provider (C-ECHO, C-STORE) that writes every instance to disk
+//!   before acknowledging it.
+//! - [`scu`]: the client side: C-FIND / C-MOVE query-retrieve and C-STORE sends.
+//! - [`outbox`]: the persistent retry queue for results going back to the PACS.
+//! - [`deid`]: PS3.15 Basic Application Level Confidentiality Profile with keyed-hash pseudonyms.
+//! - [`assemble`]: groups received instances into series and declares them complete.
+//!
+//! DICOM ↔ volume conversion and DICOM SEG live in the SDK ([`cosilo_sdk::dicom`]) so a clinical
+//! app can use them without the bridge; the bridge never depends on the appliance.
+
+pub mod assemble;
+pub mod deid;
+pub mod dimse;
+pub mod outbox;
+pub mod scp;
+pub mod scu;
 
 pub use cosilo_sdk::volume::{Geometry, Volume};

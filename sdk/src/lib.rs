@@ -2,6 +2,7 @@
 //!
 //! The host library that clinical applications link to run a Cosilo segmentation model.
 //!
+//! - [`dicom`]: DICOM series in (volume with geometry), DICOM SEG out and in.
 //! - [`volume`]: volumes with their world geometry, NIfTI-1 in and out.
 //! - [`preprocess`]: the intensity normalisation shared with training.
 //! - [`bundle`]: the exported model bundle (`model.onnx` + `manifest.json`) and its manifest.
@@ -11,6 +12,7 @@
 //! The SDK never depends on the appliance: a bundle is the only thing that passes between them.
 
 pub mod bundle;
+pub mod dicom;
 pub mod preprocess;
 pub mod segment;
 pub mod volume;
