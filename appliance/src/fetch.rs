@@ -124,8 +124,33 @@ pub const ITK_T1: Source = Source {
     ],
 };
 
+/// A real head CT (InVesalius' `Cranium.inv3` example: a gzip'd tar holding `main.plist` and
+/// `matrix.dat`, int16 HU, 108 × 256 × 256, 0.957 × 0.957 × 1.5 mm), from Debian
+/// `invesalius-examples`; `cosilo data dicom` writes it as a DICOM CT series.
+pub const INVESALIUS_CT: Source = Source {
+    id: "invesalius-examples",
+    origin: Origin::Debian {
+        package: "invesalius-examples",
+    },
+    content: "one real head CT (108 axial slices of 256x256, int16 HU, 0.957x0.957x1.5 mm) in InVesalius' .inv3 format",
+    licence: "GPL-2 (Debian invesalius-examples, per the package's copyright file)",
+    files: &[PinnedFile {
+        member: "usr/share/doc/invesalius-examples/examples/Cranium.inv3",
+        name: "Cranium.inv3",
+        sha256: "3b34f11f7c4f557f4c65cd6543c412a2f6ceb0cfecfd9c41184420e02d9b7e2a",
+    }],
+};
+
 /// Every source, in the order they are fetched.
-pub const SOURCES: [Source; 3] = [COLIN27, MNI152, ITK_T1];
+pub const SOURCES: [Source; 4] = [COLIN27, MNI152, ITK_T1, INVESALIUS_CT];
+
+/// Checks one source in `cache`; a clear error naming `cosilo data fetch` if absent or altered.
+pub fn locate_source(cache: &Path, source: &Source) -> Result<(), FetchError> {
+    check_source(cache, source).map_err(|detail| FetchError::NotFetched {
+        cache: cache.display().to_string(),
+        detail,
+    })
+}
 
 /// Failures fetching, extracting, checking or finding the cached anatomy.
 #[derive(Debug, thiserror::Error)]
@@ -328,7 +353,8 @@ pub struct AnatomyFiles {
 impl AnatomyFiles {
     /// Finds and verifies the anatomy in `cache`; a clear error naming `cosilo data fetch` if absent.
     pub fn locate(cache: &Path) -> Result<Self, FetchError> {
-        for s in &SOURCES {
+        // The cohorts need the MR anatomy only (not the CT of `cosilo data dicom`).
+        for s in [&COLIN27, &MNI152, &ITK_T1] {
             check_source(cache, s).map_err(|detail| FetchError::NotFetched {
                 cache: cache.display().to_string(),
                 detail,

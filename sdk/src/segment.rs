@@ -97,6 +97,8 @@ pub enum SegmentError {
     },
     #[error("the inference session is unusable after an earlier inference panicked")]
     Poisoned,
+    #[error(transparent)]
+    Dicom(#[from] crate::dicom::DicomError),
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {
@@ -299,6 +301,18 @@ impl Segmenter {
         volume: &Volume<f32>,
     ) -> Result<Segmentation, SegmentError> {
         self.segment_volume(volume, true)
+    }
+
+    /// Reads the DICOM image series in `dir` ([`crate::dicom::read_series_dir`]) and segments it:
+    /// labels on the series' own grid, and the series (UIDs, instances, geometry) to write a SEG
+    /// against with [`crate::dicom::write_seg`] and [`crate::dicom::seg::segments_for_classes`].
+    pub fn segment_dicom_series(
+        &self,
+        dir: impl AsRef<Path>,
+    ) -> Result<(Segmentation, crate::dicom::SeriesVolume), SegmentError> {
+        let series = crate::dicom::read_series_dir(dir)?;
+        let segmentation = self.segment(&series.volume)?;
+        Ok((segmentation, series))
     }
 
     /// Runs the network on a batch of prepared slices, `shape = [n, channels, h, w]` with `h` and
