@@ -1,1 +1,867 @@
-//! (in progress)
+//! The DICOM service provider: C-ECHO and C-STORE on a TCP port, one std thread per association
+//! (bounded), every instance made durable by an [`InstanceSink`] before the success status goes out.
+//!
+//! [`serve`] binds, spawns the accept loop and returns an [`ScpHandle`]; [`ScpHandle::stop`] stops
+//! accepting and lets running associations finish for a grace period before cutting them. The
+//! association layer is dicom-ul's sync API; command sets come from [`crate::dimse`]. Anything that
+//! goes wrong mid-transfer (a truncated P-DATA, an A-ABORT, a dropped socket, a read timeout) drops
+//! the partial instance: only complete, parsed data sets ever reach the sink. [`SpoolSink`] is the
+//! simple durable sink: one DICOM file per instance, written through temp file + fsync + rename.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dicom::dictionary_std::tags;
+use dicom::encoding::TransferSyntaxIndex;
+use dicom::object::{FileMetaTableBuilder, InMemDicomObject};
+use dicom::transfer_syntax::TransferSyntaxRegistry;
+use dicom_ul::association::server::AccessControl;
+use dicom_ul::association::Association;
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType,
+    PresentationContextNegotiated, PresentationContextResultReason, UserIdentity,
+};
+use dicom_ul::{Pdu, ServerAssociation, ServerAssociationOptions};
+use tracing::{debug, info, warn};
+
+use crate::dimse::{CEchoRsp, CStoreRq, CStoreRsp, Command, Status};
+
+/// SOP classes the SCP accepts: Verification plus the image storage classes the bridge uses.
+pub const SUPPORTED_SOP_CLASSES: &[(&str, &str)] = &[
+    (crate::dimse::VERIFICATION, "Verification"),
+    ("1.2.840.10008.5.1.4.1.1.2", "CT Image Storage"),
+    ("1.2.840.10008.5.1.4.1.1.2.1", "Enhanced CT Image Storage"),
+    ("1.2.840.10008.5.1.4.1.1.4", "MR Image Storage"),
+    ("1.2.840.10008.5.1.4.1.1.4.1", "Enhanced MR Image Storage"),
+    ("1.2.840.10008.5.1.4.1.1.66.4", "Segmentation Storage"),
+    (
+        "1.2.840.10008.5.1.4.1.1.7",
+        "Secondary Capture Image Storage",
+    ),
+];
+
+/// Transfer syntaxes the SCP accepts. Compressed ones are stored as received (encapsulated pixel
+/// data); dicom-rs' default build decodes RLE Lossless itself, the JPEG family only with its
+/// `native` codecs, which Cosilo does not enable.
+pub const SUPPORTED_TRANSFER_SYNTAXES: &[&str] = &[
+    "1.2.840.10008.1.2.1",    // Explicit VR Little Endian
+    "1.2.840.10008.1.2",      // Implicit VR Little Endian
+    "1.2.840.10008.1.2.4.70", // JPEG Lossless, SV1
+    "1.2.840.10008.1.2.4.57", // JPEG Lossless
+    "1.2.840.10008.1.2.4.50", // JPEG Baseline
+    "1.2.840.10008.1.2.4.90", // JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91", // JPEG 2000
+    "1.2.840.10008.1.2.5",    // RLE Lossless
+];
+
+/// One instance received by C-STORE, decoded from the P-DATA in the negotiated transfer syntax.
+#[derive(Debug, Clone)]
+pub struct ReceivedInstance {
+    /// The AE title of the sender.
+    pub calling_ae: String,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    /// The transfer syntax the data set arrived in (and should be stored in).
+    pub transfer_syntax: String,
+    pub dataset: InMemDicomObject,
+}
+
+/// What a sink did with an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Written durably.
+    Stored,
+    /// The identical instance was already stored (answered with success: C-STORE is idempotent).
+    Duplicate,
+}
+
+/// Why a sink did not take an instance; each maps to a C-STORE failure status.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A700: no room (disk reserve, queue full); the sender should retry later.
+    #[error("out of resources: {0}")]
+    OutOfResources(String),
+    /// A900: the data set is unacceptable (missing UIDs, wrong class, policy).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// A700: writing failed.
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl SinkError {
+    /// The C-STORE status this error is answered with.
+    pub fn status(&self) -> Status {
+        match self {
+            SinkError::OutOfResources(_) | SinkError::Io { .. } => Status::OUT_OF_RESOURCES,
+            SinkError::Refused(_) => Status::DATASET_MISMATCH,
+        }
+    }
+}
+
+/// Where received instances go. `accept` MUST make the instance durable before returning `Ok`:
+/// the SCP sends success only afterwards, and the sender may then delete its copy.
+pub trait InstanceSink: Send + Sync + 'static {
+    /// Takes one complete instance.
+    fn accept(&self, inst: ReceivedInstance) -> Result<Accepted, SinkError>;
+}
+
+/// Settings of the SCP.
+#[derive(Debug, Clone)]
+pub struct ScpConfig {
+    /// Our AE title.
+    pub ae_title: String,
+    /// Address to listen on (port 0 picks a free one; see [`ScpHandle::local_addr`]).
+    pub bind: SocketAddr,
+    /// Calling AE titles allowed to associate; empty means any.
+    pub allowed_calling_aes: Vec<String>,
+    /// Concurrent associations; more are rejected with "local limit exceeded" (transient).
+    pub max_associations: usize,
+    /// Largest PDU we accept.
+    pub max_pdu: u32,
+    /// A peer silent for this long loses its association (and any partial instance).
+    pub read_timeout: Duration,
+    /// How long [`ScpHandle::stop`] lets running associations finish.
+    pub grace_period: Duration,
+}
+
+impl Default for ScpConfig {
+    fn default() -> Self {
+        ScpConfig {
+            ae_title: "COSILO".into(),
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            allowed_calling_aes: Vec::new(),
+            max_associations: 8,
+            max_pdu: 65_536,
+            read_timeout: Duration::from_secs(60),
+            grace_period: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors starting the SCP.
+#[derive(Debug, thiserror::Error)]
+pub enum ScpError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read the listening address: {0}")]
+    LocalAddr(std::io::Error),
+    #[error("cannot start the accept thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("invalid SCP configuration: {0}")]
+    Config(String),
+}
+
+/// A running SCP; dropping it stops it like [`ScpHandle::stop`].
+pub struct ScpHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept_thread: Option<JoinHandle<()>>,
+    grace: Duration,
+}
+
+/// State shared by the accept loop and the association threads.
+struct Shared {
+    stopping: AtomicBool,
+    active: AtomicUsize,
+    next_id: AtomicU64,
+    /// Clones of the live association sockets, to cut them after the grace period.
+    sockets: Mutex<HashMap<u64, TcpStream>>,
+}
+
+impl ScpHandle {
+    /// The address actually listened on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Number of associations running now.
+    pub fn active_associations(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting, waits up to the grace period for running associations, then cuts the rest
+    /// (their partial instances are dropped, never stored).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Wake the blocking accept.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        let deadline = Instant::now() + self.grace;
+        while self.shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let sockets = self
+            .shared
+            .sockets
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s));
+        if let Ok(sockets) = sockets {
+            if !sockets.is_empty() {
+                warn!(
+                    count = sockets.len(),
+                    "SCP grace period over, cutting running associations"
+                );
+            }
+            for s in sockets.values() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+        info!(addr = %self.addr, "SCP stopped");
+    }
+}
+
+impl Drop for ScpHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The calling-AE allowlist, checked during association negotiation.
+struct AllowList(Arc<Vec<String>>);
+
+impl AccessControl for AllowList {
+    fn check_access(
+        &self,
+        _this_ae_title: &str,
+        calling_ae_title: &str,
+        _called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        let calling = calling_ae_title.trim();
+        if self.0.is_empty() || self.0.iter().any(|a| a.trim() == calling) {
+            Ok(())
+        } else {
+            warn!(
+                calling_ae = calling,
+                "association rejected: calling AE title not in the allowlist"
+            );
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+        }
+    }
+}
+
+/// Starts the SCP: binds `cfg.bind` and serves on background threads until stopped.
+pub fn serve(cfg: ScpConfig, sink: Arc<dyn InstanceSink>) -> Result<ScpHandle, ScpError> {
+    if cfg.max_associations == 0 {
+        return Err(ScpError::Config(
+            "max_associations must be at least 1".into(),
+        ));
+    }
+    if cfg.ae_title.trim().is_empty() || cfg.ae_title.len() > 16 {
+        return Err(ScpError::Config(format!(
+            "AE title {:?} must have 1 to 16 characters",
+            cfg.ae_title
+        )));
+    }
+    let listener = TcpListener::bind(cfg.bind).map_err(|source| ScpError::Bind {
+        addr: cfg.bind,
+        source,
+    })?;
+    let addr = listener.local_addr().map_err(ScpError::LocalAddr)?;
+    let shared = Arc::new(Shared {
+        stopping: AtomicBool::new(false),
+        active: AtomicUsize::new(0),
+        next_id: AtomicU64::new(0),
+        sockets: Mutex::new(HashMap::new()),
+    });
+    let grace = cfg.grace_period;
+    let cfg = Arc::new(cfg);
+    let thread_shared = shared.clone();
+    let accept_thread = std::thread::Builder::new()
+        .name(format!("scp-accept-{}", addr.port()))
+        .spawn(move || accept_loop(listener, cfg, sink, thread_shared))
+        .map_err(ScpError::Spawn)?;
+    info!(%addr, "SCP listening");
+    Ok(ScpHandle {
+        addr,
+        shared,
+        accept_thread: Some(accept_thread),
+        grace,
+    })
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    cfg: Arc<ScpConfig>,
+    sink: Arc<dyn InstanceSink>,
+    shared: Arc<Shared>,
+) {
+    let allow = Arc::new(cfg.allowed_calling_aes.clone());
+    for conn in listener.incoming() {
+        if shared.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "SCP accept failed");
+                continue;
+            }
+        };
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let _ = stream.set_nodelay(true);
+        if shared.active.fetch_add(1, Ordering::SeqCst) >= cfg.max_associations {
+            shared.active.fetch_sub(1, Ordering::SeqCst);
+            warn!(%peer, max = cfg.max_associations, "association rejected: too many associations");
+            reject_busy(stream, cfg.read_timeout);
+            continue;
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+        if let Ok(clone) = stream.try_clone() {
+            if let Ok(mut s) = shared.sockets.lock() {
+                s.insert(id, clone);
+            }
+        }
+        let (cfg2, sink2, shared2, allow2) =
+            (cfg.clone(), sink.clone(), shared.clone(), allow.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("scp-assoc-{id}"))
+            .spawn(move || {
+                run_association(stream, &peer, &cfg2, allow2, sink2.as_ref());
+                if let Ok(mut s) = shared2.sockets.lock() {
+                    s.remove(&id);
+                }
+                shared2.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start an association thread");
+            shared.active.fetch_sub(1, Ordering::SeqCst);
+            if let Ok(mut s) = shared.sockets.lock() {
+                s.remove(&id);
+            }
+        }
+    }
+}
+
+/// Answers an A-ASSOCIATE-RQ with a transient "local limit exceeded" rejection.
+fn reject_busy(mut stream: TcpStream, timeout: Duration) {
+    let _ = stream.set_read_timeout(Some(timeout.min(Duration::from_secs(5))));
+    // Read the request (header + body) so that closing does not reset the connection.
+    let mut header = [0u8; 6];
+    if stream.read_exact(&mut header).is_ok() {
+        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as u64;
+        let _ = std::io::copy(
+            &mut (&mut stream).take(len.min(1 << 20)),
+            &mut std::io::sink(),
+        );
+    }
+    let rj = Pdu::AssociationRJ(AssociationRJ {
+        result: AssociationRJResult::Transient,
+        source: AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    });
+    let mut buf = Vec::new();
+    if dicom_ul::write_pdu(&mut buf, &rj).is_ok() {
+        let _ = stream.write_all(&buf);
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+fn run_association(
+    stream: TcpStream,
+    peer: &str,
+    cfg: &ScpConfig,
+    allow: Arc<Vec<String>>,
+    sink: &dyn InstanceSink,
+) {
+    let mut options = ServerAssociationOptions::new()
+        .ae_access_control(AllowList(allow))
+        .ae_title(cfg.ae_title.clone())
+        .max_pdu_length(cfg.max_pdu)
+        .read_timeout(cfg.read_timeout)
+        .write_timeout(cfg.read_timeout);
+    for (uid, _) in SUPPORTED_SOP_CLASSES {
+        options = options.with_abstract_syntax(*uid);
+    }
+    for ts in SUPPORTED_TRANSFER_SYNTAXES {
+        options = options.with_transfer_syntax(*ts);
+    }
+    let mut assoc = match options.establish(stream) {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(%peer, error = %e, "association not established");
+            return;
+        }
+    };
+    let calling_ae = assoc.peer_ae_title().trim().to_string();
+    for pc in assoc.presentation_contexts() {
+        if pc.reason != PresentationContextResultReason::Acceptance {
+            warn!(%peer, %calling_ae, abstract_syntax = %pc.abstract_syntax, reason = ?pc.reason,
+                "presentation context rejected");
+        }
+    }
+    debug!(%peer, %calling_ae, "association established");
+    let mut conv = Conversation {
+        calling_ae,
+        peer,
+        sink,
+        contexts: assoc.presentation_contexts().to_vec(),
+        command: Vec::new(),
+        data: Vec::new(),
+        pending: None,
+        stored: 0,
+    };
+    loop {
+        let pdu = match assoc.receive() {
+            Ok(p) => p,
+            Err(e) => {
+                conv.log_lost(&format!("connection lost: {e}"));
+                return;
+            }
+        };
+        match pdu {
+            Pdu::PData { data } => {
+                for pdv in data {
+                    if let Err(reason) = conv.on_pdv(pdv, &mut assoc) {
+                        warn!(peer = %conv.peer, calling_ae = %conv.calling_ae, %reason,
+                            "aborting association");
+                        let _ = assoc.abort();
+                        return;
+                    }
+                }
+            }
+            Pdu::ReleaseRQ => {
+                let _ = assoc.send(&Pdu::ReleaseRP);
+                if conv.pending.is_some() || !conv.data.is_empty() {
+                    conv.log_lost("released mid-message");
+                }
+                info!(peer = %conv.peer, calling_ae = %conv.calling_ae, stored = conv.stored,
+                    "association released");
+                return;
+            }
+            Pdu::AbortRQ { source } => {
+                conv.log_lost(&format!("peer aborted ({source:?})"));
+                return;
+            }
+            other => {
+                warn!(peer = %conv.peer, pdu = %other.short_description(), "unexpected PDU, aborting");
+                let _ = assoc.abort();
+                return;
+            }
+        }
+    }
+}
+
+/// The DIMSE state of one association.
+struct Conversation<'a> {
+    calling_ae: String,
+    peer: &'a str,
+    sink: &'a dyn InstanceSink,
+    contexts: Vec<PresentationContextNegotiated>,
+    command: Vec<u8>,
+    data: Vec<u8>,
+    /// A command whose data set is still arriving, with its presentation context.
+    pending: Option<(u8, Command)>,
+    stored: usize,
+}
+
+impl Conversation<'_> {
+    fn log_lost(&self, why: &str) {
+        if let Some((_, cmd)) = &self.pending {
+            let sop = match cmd {
+                Command::StoreRq(r) => r.affected_sop_instance_uid.as_str(),
+                _ => "",
+            };
+            warn!(peer = %self.peer, calling_ae = %self.calling_ae, sop_instance = sop,
+                received_bytes = self.data.len(),
+                "{why}: partial instance discarded, nothing stored");
+        } else {
+            debug!(peer = %self.peer, calling_ae = %self.calling_ae, stored = self.stored, "{why}");
+        }
+    }
+
+    fn on_pdv(
+        &mut self,
+        pdv: PDataValue,
+        assoc: &mut ServerAssociation<TcpStream>,
+    ) -> Result<(), String> {
+        match pdv.value_type {
+            PDataValueType::Command => {
+                if self.pending.is_some() {
+                    return Err("command fragment while a data set was expected".into());
+                }
+                self.command.extend_from_slice(&pdv.data);
+                if !pdv.is_last {
+                    return Ok(());
+                }
+                let cmd = Command::decode(&std::mem::take(&mut self.command))
+                    .map_err(|e| format!("undecodable command set: {e}"))?;
+                if cmd.has_dataset() {
+                    self.pending = Some((pdv.presentation_context_id, cmd));
+                    Ok(())
+                } else {
+                    self.dispatch(pdv.presentation_context_id, cmd, None, assoc)
+                }
+            }
+            PDataValueType::Data => {
+                let Some((pc, _)) = &self.pending else {
+                    return Err("data fragment without a command".into());
+                };
+                if *pc != pdv.presentation_context_id {
+                    return Err("data set on a different presentation context".into());
+                }
+                self.data.extend_from_slice(&pdv.data);
+                if !pdv.is_last {
+                    return Ok(());
+                }
+                let (pc, cmd) = self.pending.take().ok_or("no pending command")?;
+                let data = std::mem::take(&mut self.data);
+                self.dispatch(pc, cmd, Some(data), assoc)
+            }
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        pc: u8,
+        cmd: Command,
+        data: Option<Vec<u8>>,
+        assoc: &mut ServerAssociation<TcpStream>,
+    ) -> Result<(), String> {
+        let reply = match cmd {
+            Command::EchoRq(rq) => Command::EchoRsp(CEchoRsp {
+                message_id_being_responded_to: rq.message_id,
+                status: Status::SUCCESS,
+            }),
+            Command::StoreRq(rq) => {
+                let (status, comment) = self.store(pc, &rq, data.unwrap_or_default());
+                Command::StoreRsp(CStoreRsp {
+                    message_id_being_responded_to: rq.message_id,
+                    affected_sop_class_uid: rq.affected_sop_class_uid,
+                    affected_sop_instance_uid: rq.affected_sop_instance_uid,
+                    status,
+                    error_comment: comment,
+                })
+            }
+            Command::CancelRq { .. } => return Ok(()),
+            other => return Err(format!("unsupported request {other:?}")),
+        };
+        assoc
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: pc,
+                    value_type: PDataValueType::Command,
+                    is_last: true,
+                    data: reply.encode(),
+                }],
+            })
+            .map_err(|e| format!("cannot send response: {e}"))
+    }
+
+    /// Parses and hands one instance to the sink; returns the C-STORE status.
+    fn store(&mut self, pc: u8, rq: &CStoreRq, data: Vec<u8>) -> (Status, Option<String>) {
+        let fail = |status: Status, why: String| {
+            warn!(peer = %self.peer, calling_ae = %self.calling_ae,
+                sop_instance = %rq.affected_sop_instance_uid, status = %status, "C-STORE refused: {why}");
+            (status, Some(truncate_comment(&why)))
+        };
+        let Some(ctx) = self.contexts.iter().find(|c| c.id == pc) else {
+            return fail(
+                Status::CANNOT_UNDERSTAND,
+                format!("unknown presentation context {pc}"),
+            );
+        };
+        if ctx.abstract_syntax != rq.affected_sop_class_uid {
+            return fail(
+                Status::DATASET_MISMATCH,
+                format!(
+                    "SOP class {} sent on the context for {}",
+                    rq.affected_sop_class_uid, ctx.abstract_syntax
+                ),
+            );
+        }
+        let Some(ts) = TransferSyntaxRegistry.get(&ctx.transfer_syntax) else {
+            return fail(
+                Status::CANNOT_UNDERSTAND,
+                format!("unknown transfer syntax {}", ctx.transfer_syntax),
+            );
+        };
+        let dataset = match InMemDicomObject::read_dataset_with_ts(&data[..], ts) {
+            Ok(d) => d,
+            Err(e) => {
+                return fail(
+                    Status::CANNOT_UNDERSTAND,
+                    format!("cannot parse the data set ({} bytes): {e}", data.len()),
+                )
+            }
+        };
+        let uid = |tag| {
+            dataset
+                .element(tag)
+                .ok()
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+        };
+        let class = uid(tags::SOP_CLASS_UID);
+        let instance = uid(tags::SOP_INSTANCE_UID);
+        if class.as_deref() != Some(rq.affected_sop_class_uid.as_str())
+            || instance.as_deref() != Some(rq.affected_sop_instance_uid.as_str())
+        {
+            return fail(
+                Status::DATASET_MISMATCH,
+                format!(
+                    "data set UIDs {class:?}/{instance:?} differ from the command's {}/{}",
+                    rq.affected_sop_class_uid, rq.affected_sop_instance_uid
+                ),
+            );
+        }
+        let inst = ReceivedInstance {
+            calling_ae: self.calling_ae.clone(),
+            sop_class_uid: rq.affected_sop_class_uid.clone(),
+            sop_instance_uid: rq.affected_sop_instance_uid.clone(),
+            transfer_syntax: ctx.transfer_syntax.clone(),
+            dataset,
+        };
+        match self.sink.accept(inst) {
+            Ok(a) => {
+                self.stored += 1;
+                debug!(sop_instance = %rq.affected_sop_instance_uid, outcome = ?a, "C-STORE");
+                (Status::SUCCESS, None)
+            }
+            Err(e) => fail(e.status(), e.to_string()),
+        }
+    }
+}
+
+/// ErrorComment is LO: at most 64 characters.
+fn truncate_comment(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// A durable [`InstanceSink`]: `<dir>/<study>/<series>/<sop>.dcm`, each a DICOM file with meta in
+/// the received transfer syntax, written as temp file + fsync + rename + directory fsync. It
+/// refuses (A700) when the write would leave less than `reserve_bytes` free on the disk.
+#[derive(Debug, Clone)]
+pub struct SpoolSink {
+    dir: PathBuf,
+    reserve: cosilo_hardware::DiskReserve,
+    counter: Arc<AtomicU64>,
+}
+
+impl SpoolSink {
+    /// A sink writing under `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>, reserve_bytes: u64) -> Result<SpoolSink, SinkError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| SinkError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(SpoolSink {
+            reserve: cosilo_hardware::DiskReserve {
+                path: dir.clone(),
+                reserve_bytes,
+            },
+            dir,
+            counter: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where an instance is (or would be) stored.
+    pub fn path_for(&self, study_uid: &str, series_uid: &str, sop_instance_uid: &str) -> PathBuf {
+        self.dir
+            .join(study_uid)
+            .join(series_uid)
+            .join(format!("{sop_instance_uid}.dcm"))
+    }
+}
+
+/// A UID safe to use as a file name: 1-64 characters of digits and dots.
+fn checked_uid(what: &str, v: Option<String>) -> Result<String, SinkError> {
+    let v = v.ok_or_else(|| SinkError::Refused(format!("{what} missing")))?;
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && !v.starts_with('.');
+    if ok {
+        Ok(v)
+    } else {
+        Err(SinkError::Refused(format!(
+            "{what} {v:?} is not a valid UID"
+        )))
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
+    move |source| SinkError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), SinkError> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
+}
+
+impl InstanceSink for SpoolSink {
+    fn accept(&self, inst: ReceivedInstance) -> Result<Accepted, SinkError> {
+        let get = |tag| {
+            inst.dataset
+                .element(tag)
+                .ok()
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+        };
+        let study = checked_uid("StudyInstanceUID", get(tags::STUDY_INSTANCE_UID))?;
+        let series = checked_uid("SeriesInstanceUID", get(tags::SERIES_INSTANCE_UID))?;
+        let sop = checked_uid("SOPInstanceUID", Some(inst.sop_instance_uid.clone()))?;
+        let meta = FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid(inst.sop_class_uid.as_str())
+            .media_storage_sop_instance_uid(sop.as_str())
+            .transfer_syntax(inst.transfer_syntax.as_str())
+            .build()
+            .map_err(|e| SinkError::Refused(format!("cannot build file meta: {e}")))?;
+        let mut bytes = Vec::new();
+        inst.dataset
+            .with_exact_meta(meta)
+            .write_all(&mut bytes)
+            .map_err(|e| SinkError::Refused(format!("cannot encode the instance: {e}")))?;
+
+        let final_path = self.path_for(&study, &series, &sop);
+        if let Ok(existing) = std::fs::read(&final_path) {
+            if existing == bytes {
+                return Ok(Accepted::Duplicate);
+            }
+            warn!(path = %final_path.display(), "instance received again with different content; replacing");
+        }
+        self.reserve.check(bytes.len() as u64).map_err(|e| {
+            warn!(error = %e, "C-STORE refused by the disk reserve");
+            SinkError::OutOfResources(e.to_string())
+        })?;
+        let series_dir = final_path.parent().unwrap_or(&self.dir).to_path_buf();
+        if !series_dir.exists() {
+            std::fs::create_dir_all(&series_dir).map_err(io_err(&series_dir))?;
+            if let Some(study_dir) = series_dir.parent() {
+                fsync_dir(study_dir)?;
+            }
+            fsync_dir(&self.dir)?;
+        }
+        let tmp = series_dir.join(format!(
+            ".{sop}.{}.{}.tmp",
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            // fdatasync: flushes the data and the size (all a new file needs), not the times.
+            f.sync_data()
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err(&tmp)(e));
+        }
+        std::fs::rename(&tmp, &final_path).map_err(io_err(&final_path))?;
+        fsync_dir(&series_dir)?;
+        Ok(Accepted::Stored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom::core::{DataElement, PrimitiveValue, VR};
+
+    fn instance(study: &str, sop: &str) -> ReceivedInstance {
+        let mut ds = InMemDicomObject::new_empty();
+        ds.put(DataElement::new(
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.2"),
+        ));
+        ds.put(DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(sop),
+        ));
+        ds.put(DataElement::new(
+            tags::STUDY_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(study),
+        ));
+        ds.put(DataElement::new(
+            tags::SERIES_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.3.2"),
+        ));
+        ReceivedInstance {
+            calling_ae: "T".into(),
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance_uid: sop.into(),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            dataset: ds,
+        }
+    }
+
+    #[test]
+    fn spool_sink_stores_once_then_reports_duplicates() {
+        let d = tempfile::tempdir().unwrap();
+        let sink = SpoolSink::new(d.path(), 0).unwrap();
+        assert_eq!(
+            sink.accept(instance("1.2.3", "1.2.3.4")).unwrap(),
+            Accepted::Stored
+        );
+        assert_eq!(
+            sink.accept(instance("1.2.3", "1.2.3.4")).unwrap(),
+            Accepted::Duplicate
+        );
+        let p = sink.path_for("1.2.3", "1.2.3.2", "1.2.3.4");
+        let back = dicom::object::open_file(&p).unwrap();
+        assert_eq!(
+            back.meta()
+                .media_storage_sop_instance_uid()
+                .trim_end_matches('\0'),
+            "1.2.3.4"
+        );
+        // No temp files left behind.
+        let left: Vec<_> = std::fs::read_dir(p.parent().unwrap()).unwrap().collect();
+        assert_eq!(left.len(), 1);
+    }
+
+    #[test]
+    fn spool_sink_refuses_path_like_uids_and_a_full_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let sink = SpoolSink::new(d.path(), 0).unwrap();
+        assert!(matches!(
+            sink.accept(instance("../../etc", "1.2")),
+            Err(SinkError::Refused(_))
+        ));
+        let full = SpoolSink::new(d.path(), u64::MAX / 2).unwrap();
+        let e = full.accept(instance("1.2.3", "1.2.3.9")).unwrap_err();
+        assert!(matches!(e, SinkError::OutOfResources(_)), "{e}");
+        assert_eq!(e.status(), Status::OUT_OF_RESOURCES);
+        assert!(!full.path_for("1.2.3", "1.2.3.2", "1.2.3.9").exists());
+    }
+}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# C-STORE receive throughput: dcmtk storescu (TCP_NODELAY=1) sends the real 108-instance CT series
+# (`cosilo data dicom`) into (a) dcmtk's storescp writing to disk and (b) Cosilo's SCP with the
+# durable SpoolSink (temp file + fsync + rename + directory fsync per instance). 5 repetitions each,
+# fresh output directory per repetition. `cosilo-nofsync` is the same SCP with a benchmark-only sink
+# that skips fsync like storescp does (protocol path alone). Usage: bench/store_bench.sh [CT_DIR] [REPS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CT_DIR=${1:-}
+REPS=${2:-5}
+WORK=$(mktemp -d)
+trap 'kill ${RX_PID:-0} 2>/dev/null || true; rm -rf "$WORK"' EXIT
+if [ -z "$CT_DIR" ]; then
+  ./target/release/cosilo data dicom --out "$WORK/data" >/dev/null
+  CT_DIR="$WORK/data/ct-cranium"
+fi
+cargo build --release -q -p cosilo-bridge --example store_bench
+FILES=("$CT_DIR"/*.dcm)
+N=${#FILES[@]}
+BYTES=$(cat "${FILES[@]}" | wc -c)
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+export TCP_NODELAY=1
+# Our receiver runs until stdin closes; a FIFO held open here keeps it waiting.
+mkfifo "$WORK/ctl"; exec 3<>"$WORK/ctl"
+
+wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && return; sleep 0.05; done; echo "receiver did not start" >&2; exit 1; }
+
+send() { # $1 = called AE; prints seconds
+  local t0 t1
+  t0=$(date +%s.%N)
+  storescu -aec "$1" 127.0.0.1 "$PORT" "${FILES[@]}"
+  t1=$(date +%s.%N)
+  echo "$t1 - $t0" | bc -l
+}
+
+echo "| receiver | rep | instances | seconds | instances/s | MB/s |"
+echo "|---|---|---|---|---|---|"
+for rx in storescp cosilo cosilo-nofsync; do
+  for rep in $(seq "$REPS"); do
+    OUT="$WORK/$rx-$rep"; mkdir -p "$OUT"
+    if [ "$rx" = storescp ]; then
+      storescp -aet STORESCP -od "$OUT" "$PORT" & RX_PID=$!
+      AE=STORESCP
+    else
+      FLAG=""; [ "$rx" = cosilo-nofsync ] && FLAG=--no-fsync
+      ./target/release/examples/store_bench "$OUT" "$PORT" COSILO $FLAG <"$WORK/ctl" >/dev/null & RX_PID=$!
+      AE=COSILO
+    fi
+    wait_port
+    S=$(send "$AE")
+    GOT=$(find "$OUT" -name '*.dcm' -o -name 'CT.*' | wc -l)
+    kill "$RX_PID" 2>/dev/null || true; wait "$RX_PID" 2>/dev/null || true
+    printf "| %s | %d | %d/%d | %.3f | %.0f | %.0f |\n" "$rx" "$rep" "$GOT" "$N" "$S" "$(echo "$N / $S" | bc -l)" "$(echo "$BYTES / $S / 1000000" | bc -l)"
+  done
+done
