@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The main job, from a fresh clone: `scripts/demo.sh`.
 #
-# Sets up what it needs (the ONNX Runtime library, the real anatomy), builds a multi-hospital cohort,
-# trains a model on the largest hospital's cases with candle, exports it to ONNX and segments that
-# hospital's held-out volumes with the SDK, printing Dice. Anatomy is real; lesions and scanner
-# effects are simulated.
+# Sets up what it needs (the ONNX Runtime library, the real anatomy), builds a 3-hospital cohort
+# (40 / 15 / 5 training patients, 4 held out each), and runs `cosilo demo`: three appliances, each
+# its own process with only its own hospital's cases in its own store, federated over MQTT
+# (embedded broker, signed messages, BrainTorrent), against each hospital training alone. It
+# prints held-out Dice per hospital before training, local-only and federated, and writes
+# docs/results/federation-demo.{md,json,svg}. Then it exports h1's federated model to ONNX and
+# segments h1's held-out volumes with the SDK. Anatomy is real; lesions and scanner effects are
+# simulated.
 #
-# Environment: DEMO_OUT (default ./out/demo), DEMO_EPOCHS / DEMO_STEPS (training length).
+# Environment: DEMO_OUT (default ./out/demo), DEMO_ROUNDS / DEMO_STEPS (rounds, steps per round),
+# DEMO_STRATEGY (braintorrent, fedavg, ciil, iil).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -20,29 +25,21 @@ say "build (release)"
 cargo build --release --quiet -p cosilo-appliance
 COSILO="$ROOT/target/release/cosilo"
 
-say "fetch real anatomy"
-"$COSILO" data fetch
+say "federation demo: 3 hospitals, BrainTorrent vs local-only"
+"$COSILO" demo --out "$OUT" --results "$ROOT/docs/results" \
+  ${DEMO_ROUNDS:+--rounds "$DEMO_ROUNDS"} ${DEMO_STEPS:+--steps-per-round "$DEMO_STEPS"} \
+  ${DEMO_STRATEGY:+--strategy "$DEMO_STRATEGY"}
+RUN="fed-demo-${DEMO_STRATEGY:-braintorrent}"
 
-say "build the cohort (3 hospitals: 40 / 15 / 5 training patients, 4 held out each)"
-"$COSILO" data cohort --out "$OUT/cohort" --seed 7 --sizes 40,15,5 --test 4
-
-say "import hospital h1 into its appliance's store"
-rm -rf "$OUT/h1-store"
-"$COSILO" import --store "$OUT/h1-store" --manifest "$OUT/cohort/manifest.json" --hospital h1
-
-say "train on h1 (candle, CPU)"
-"$COSILO" train --store "$OUT/h1-store" --run h1-local \
-  ${DEMO_EPOCHS:+--epochs "$DEMO_EPOCHS"} ${DEMO_STEPS:+--steps-per-epoch "$DEMO_STEPS"} \
-  --report "$OUT/reports/h1-local"
-
-say "export to ONNX"
-"$COSILO" export --store "$OUT/h1-store" --run h1-local --out "$OUT/bundles/h1-local"
+say "export h1's federated model to ONNX"
+rm -rf "$OUT/bundles/h1-federated"
+"$COSILO" export --store "$OUT/h1-store" --run "$RUN" --out "$OUT/bundles/h1-federated"
 
 say "segment h1's held-out volumes with the SDK (ONNX Runtime)"
 for img in "$OUT"/cohort/h1/h1-test-*_image.nii.gz; do
   case_id="$(basename "$img" _image.nii.gz)"
-  "$COSILO" segment --bundle "$OUT/bundles/h1-local" --input "$img" \
+  "$COSILO" segment --bundle "$OUT/bundles/h1-federated" --input "$img" \
     --output "$OUT/segmentations/${case_id}_seg.nii.gz" --truth "${img%_image.nii.gz}_label.nii.gz"
 done
 
-say "done in $(( $(date +%s) - T0 )) s: report in $OUT/reports/h1-local, bundle in $OUT/bundles/h1-local"
+say "done in $(( $(date +%s) - T0 )) s: results in docs/results/federation-demo.md, bundle in $OUT/bundles/h1-federated"

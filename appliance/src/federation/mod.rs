@@ -9,9 +9,11 @@
 //! - [`link`]: the MQTT connection (the only module that names `rumqttc`).
 //! - [`broker`]: the embedded MQTT broker (rumqttd) for zero-setup, one-machine federations.
 //! - [`strategy`]: BrainTorrent, FedAvg, CIIL/IIL and local-only, as state machines.
+//! - [`daemon`]: `cosilo run`: trainer thread + link + strategy, checkpoints, clean shutdown.
 
 pub mod aggregate;
 pub mod broker;
+pub mod daemon;
 pub mod keys;
 pub mod link;
 pub mod strategy;

@@ -6,6 +6,7 @@
 //! - [`optim`]: AdamW with saveable state.
 //! - [`data`]: volumes → normalised slices → augmented batches.
 //! - [`trainer`]: the loop, checkpoints and resume.
+//! - [`session`]: the incremental trainer federation strategies drive a few steps at a time.
 //! - [`eval`]: whole-volume prediction and 3-D Dice.
 //! - `gradcheck` (tests): finite-difference checks of every op the model's gradient uses.
 //!
@@ -16,6 +17,7 @@ pub mod eval;
 pub mod loss;
 pub mod ops;
 pub mod optim;
+pub mod session;
 pub mod trainer;
 pub mod unet;
 

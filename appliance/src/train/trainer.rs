@@ -95,7 +95,7 @@ struct CheckpointMeta {
 const CHECKPOINT_FORMAT: u32 = 1;
 
 /// A class under this share of the labelled voxels counts as rare for oversampling.
-const RARE_SHARE: f64 = 0.05;
+pub(crate) const RARE_SHARE: f64 = 0.05;
 
 /// Serialises weights (and optimiser moments when given) as safetensors.
 pub fn weights_to_bytes(vars: &VarMap, opt: Option<&AdamW>) -> Result<Vec<u8>, TrainError> {
@@ -141,7 +141,80 @@ pub fn load_weights(
     Ok(tensors)
 }
 
-fn lr_at(cfg: &TrainConfig, global_step: usize, total: usize) -> f64 {
+/// The shuffled order of `slices` training slices in epoch `epoch`.
+pub(crate) fn epoch_order(cfg: &TrainConfig, slices: usize, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..slices).collect();
+    Rng::derive(cfg.seed, 0x0e90c + epoch as u64).shuffle(&mut order);
+    order
+}
+
+/// The losses of one optimiser step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepLoss {
+    pub total: f32,
+    pub cross_entropy: f32,
+    pub dice_loss: f32,
+}
+
+/// The slices of the batch of global step `global` (step `step_in_epoch` of its epoch, whose
+/// shuffled slice order is `order`): a share from rare-class slices, the rest in order. Returns
+/// the step's generator too: the crops and augmentation continue its stream.
+pub(crate) fn pick_batch(
+    cfg: &TrainConfig,
+    set: &SliceSet,
+    order: &[usize],
+    global: usize,
+    step_in_epoch: usize,
+) -> (Vec<usize>, Rng) {
+    let mut rng = Rng::derive(cfg.seed, 0x5_7e9 + global as u64);
+    let n_rare = if set.rare.is_empty() {
+        0
+    } else {
+        (cfg.batch_size as f64 * cfg.oversample_rare).round() as usize
+    };
+    let picks = (0..cfg.batch_size)
+        .map(|i| {
+            if i < n_rare {
+                set.rare[rng.below(set.rare.len())]
+            } else {
+                order[(step_in_epoch * cfg.batch_size + i) % order.len()]
+            }
+        })
+        .collect();
+    (picks, rng)
+}
+
+/// One optimiser step on the slices `picks` (from [`pick_batch`], whose generator `rng` draws
+/// the crops and augmentation): forward, loss, backward, AdamW with the learning rate already
+/// set. A non-finite loss is returned without updating the weights; the caller decides.
+pub(crate) fn train_step(
+    cfg: &TrainConfig,
+    net: &UNet,
+    opt: &mut AdamW,
+    set: &SliceSet,
+    (picks, mut rng): (Vec<usize>, Rng),
+    device: &Device,
+) -> Result<StepLoss, TrainError> {
+    let [h, w] = cfg.patch;
+    let batch = set.batch(&picks, h, w, &cfg.augment, &mut rng);
+    let x = Tensor::from_vec(batch.image, (batch.b, 1, h, w), device)?;
+    let classes = cfg.model.classes;
+    let oh = one_hot(&batch.classes, batch.b, classes, h, w);
+    let target = Tensor::from_vec(oh, (batch.b, classes, h, w), device)?;
+    let logits = net.forward(&x)?;
+    let loss = dice_cross_entropy(&logits, &target)?;
+    let total = loss.total.to_scalar::<f32>()?;
+    if total.is_finite() {
+        opt.apply(&loss.total.backward()?)?;
+    }
+    Ok(StepLoss {
+        total,
+        cross_entropy: loss.cross_entropy,
+        dice_loss: loss.dice_loss,
+    })
+}
+
+pub(crate) fn lr_at(cfg: &TrainConfig, global_step: usize, total: usize) -> f64 {
     // Linear warm-up over the first 3 % of steps, then cosine decay to 5 % of the peak.
     let base = cfg.optimiser.lr;
     let warm = (total as f64 * 0.03).max(1.0);
@@ -257,8 +330,7 @@ pub fn train(
     let mut final_scores = Vec::new();
     while epoch < cfg.epochs {
         let t0 = Instant::now();
-        let mut order: Vec<usize> = (0..set.len()).collect();
-        Rng::derive(cfg.seed, 0x0e90c + epoch as u64).shuffle(&mut order);
+        let order = epoch_order(cfg, set.len(), epoch);
         for step in start_step..steps_per_epoch {
             if stop.load(Ordering::SeqCst) {
                 let seq = save(&opt, epoch, step, &history, partial, false)?;
@@ -277,34 +349,12 @@ pub fn train(
             }
             let global = epoch * steps_per_epoch + step;
             opt.set_lr(lr_at(cfg, global, total));
-            let mut rng = Rng::derive(cfg.seed, 0x5_7e9 + global as u64);
-            let n_rare = if set.rare.is_empty() {
-                0
-            } else {
-                (cfg.batch_size as f64 * cfg.oversample_rare).round() as usize
-            };
-            let picks: Vec<usize> = (0..cfg.batch_size)
-                .map(|i| {
-                    if i < n_rare {
-                        set.rare[rng.below(set.rare.len())]
-                    } else {
-                        order[(step * cfg.batch_size + i) % order.len()]
-                    }
-                })
-                .collect();
-            let [h, w] = cfg.patch;
-            let batch = set.batch(&picks, h, w, &cfg.augment, &mut rng);
-            let x = Tensor::from_vec(batch.image, (batch.b, 1, h, w), device)?;
-            let classes = cfg.model.classes;
-            let oh = one_hot(&batch.classes, batch.b, classes, h, w);
-            let target = Tensor::from_vec(oh, (batch.b, classes, h, w), device)?;
-            let logits = net.forward(&x)?;
-            let loss = dice_cross_entropy(&logits, &target)?;
-            let value = loss.total.to_scalar::<f32>()?;
+            let batch = pick_batch(cfg, &set, &order, global, step);
+            let loss = train_step(cfg, &net, &mut opt, &set, batch, device)?;
+            let value = loss.total;
             if !value.is_finite() {
                 return Err(TrainError::Diverged { epoch, step });
             }
-            opt.apply(&loss.total.backward()?)?;
             partial.0 += value as f64;
             partial.1 += loss.cross_entropy as f64;
             partial.2 += loss.dice_loss as f64;

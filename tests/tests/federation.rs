@@ -1,0 +1,491 @@
+//! Federation end to end: three `cosilo run` processes (one per hospital, each with only its own
+//! cases in its own store) over a real Mosquitto broker, with a tiny cohort and a tiny model.
+//!
+//! - FedAvg: every site's model changed, all three hold identical weights after the last round.
+//! - BrainTorrent: every site's model changed and is finite; a capture of every payload the
+//!   federation published (`cosilo/#`) holds no patient name, patient id or case id.
+//! - CIIL: the token went round; every site changed and ends on the same final model.
+//! - IIL: each site's single turn; everyone ends on the last site's model.
+//! - Restart: a BrainTorrent site stopped with SIGTERM checkpoints, leaves, and resumes from its
+//!   store when started again; the federation completes.
+//! - A bad site configuration exits with code 64 and names the key, without a panic.
+//!
+//! Needs the anatomy cache (`cosilo data fetch`, which `scripts/test.sh` runs first) and
+//! Mosquitto (`apt-get install mosquitto`); builds the `cosilo` binary if it is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cosilo_appliance::config::{SiteConfig, StrategyKind};
+use cosilo_appliance::federation::daemon::{session_run, RunSummary};
+use cosilo_appliance::federation::keys::SiteKeys;
+use cosilo_appliance::federation::link::{self, LinkConfig, LinkEvent};
+use cosilo_appliance::federation::weights::FlatWeights;
+use cosilo_appliance::store::Store;
+use cosilo_tests::brokers::Mosquitto;
+use cosilo_tests::workspace_root;
+
+const SITES: [&str; 3] = ["h1", "h2", "h3"];
+const MAX_PACKET: usize = 256 * 1024;
+
+/// The `cosilo` binary beside this test's target folder, built when missing.
+fn cosilo_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(b) = BIN.get() {
+        return Ok(b.clone());
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no target folder")?;
+    let bin = dir.join("cosilo");
+    if !bin.exists() {
+        let release = dir.ends_with("release");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.current_dir(workspace_root()).args([
+            "build",
+            "-p",
+            "cosilo-appliance",
+            "--bin",
+            "cosilo",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().context("running cargo build for cosilo")?;
+        if !status.success() || !bin.exists() {
+            bail!("could not build {}", bin.display());
+        }
+    }
+    Ok(BIN.get_or_init(|| bin).clone())
+}
+
+/// A tiny cohort (2/2/1 training and 1 held-out patient per hospital), built once per run.
+fn cohort() -> Result<PathBuf> {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(d) = DIR.get() {
+        return Ok(d.clone());
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("cosilo-fed-cohort")
+        .tempdir()?
+        .keep();
+    let cache = cosilo_appliance::fetch::default_cache_dir();
+    let spec = cosilo_appliance::cohort::CohortSpec::new(11, "2,2,1", 1)?;
+    cosilo_appliance::cohort::build_cohort(&cache, &dir, &spec).with_context(|| {
+        format!(
+            "building the test cohort from {} (run `cosilo data fetch` first)",
+            cache.display()
+        )
+    })?;
+    Ok(DIR.get_or_init(|| dir).clone())
+}
+
+/// Child processes killed on drop.
+struct Sites(Vec<(String, Child, PathBuf)>);
+
+impl Drop for Sites {
+    fn drop(&mut self) {
+        for (_, c, _) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One federation: a temp dir with stores, keys, roster and configs.
+struct Federation {
+    dir: tempfile::TempDir,
+    strategy: StrategyKind,
+}
+
+impl Federation {
+    fn new(strategy: StrategyKind, broker_port: u16, rounds: u64) -> Result<Federation> {
+        let dir = tempfile::tempdir()?;
+        let cohort = cohort()?;
+        let manifest = cohort.join("manifest.json");
+        let mut roster = String::from("[federation]\nname = \"test\"\n");
+        for h in SITES {
+            let store = Store::open(&dir.path().join(format!("{h}-store")))?;
+            let requests = cosilo_appliance::store::import::read_manifest(&manifest, Some(h))?;
+            let report = cosilo_appliance::store::import::import_all(&store, &requests)?;
+            assert!(report.refused.is_empty(), "{report}");
+            let keys = SiteKeys::generate(h)?;
+            keys.save(dir.path())?;
+            roster += &format!("\n{}", keys.roster_entry());
+        }
+        std::fs::write(dir.path().join("roster.toml"), roster)?;
+        for h in SITES {
+            let mut cfg = SiteConfig::default();
+            cfg.site.id = h.into();
+            cfg.site.store = dir.path().join(format!("{h}-store"));
+            cfg.site.hospital = h.into();
+            cfg.federation.name = "test".into();
+            cfg.federation.strategy = strategy;
+            cfg.federation.roster = dir.path().join("roster.toml");
+            cfg.federation.key = SiteKeys::key_path(dir.path(), h);
+            cfg.federation.rounds = rounds;
+            cfg.federation.steps_per_round = 2;
+            cfg.federation.round_deadline_s = 60;
+            cfg.federation.update_timeout_s = 90;
+            cfg.broker.port = broker_port;
+            cfg.broker.max_packet_bytes = MAX_PACKET;
+            cfg.train.base = Some(8);
+            cfg.train.depth = Some(2);
+            cfg.train.batch_size = Some(2);
+            cfg.train.patch = Some([48, 48]);
+            cfg.validate()?;
+            std::fs::write(dir.path().join(format!("{h}.toml")), toml::to_string(&cfg)?)?;
+        }
+        Ok(Federation { dir, strategy })
+    }
+
+    fn config(&self, h: &str) -> Result<SiteConfig> {
+        Ok(SiteConfig::load(
+            &self.dir.path().join(format!("{h}.toml")),
+        )?)
+    }
+
+    /// Starts site `h` as a `cosilo run` process logging to `{h}{tag}.log`.
+    fn spawn(&self, h: &str, tag: &str) -> Result<(String, Child, PathBuf)> {
+        let log = self.dir.path().join(format!("{h}{tag}.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(cosilo_bin()?)
+            .arg("run")
+            .arg("--config")
+            .arg(self.dir.path().join(format!("{h}.toml")))
+            .arg("--summary")
+            .arg(self.dir.path().join(format!("{h}-summary.json")))
+            .env("RAYON_NUM_THREADS", "1")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .spawn()?;
+        Ok((h.to_string(), child, log))
+    }
+
+    fn summary(&self, h: &str) -> Result<RunSummary> {
+        let p = self.dir.path().join(format!("{h}-summary.json"));
+        Ok(serde_json::from_str(&std::fs::read_to_string(&p)?)?)
+    }
+
+    /// Runs the three sites to completion (each a `cosilo run` process).
+    fn run(&self, limit: Duration) -> Result<Vec<RunSummary>> {
+        let mut sites = Sites(Vec::new());
+        for h in SITES {
+            sites.0.push(self.spawn(h, "")?);
+        }
+        self.wait_all(&mut sites, limit)
+    }
+
+    /// Waits for every process of `sites` to exit successfully; returns the three summaries.
+    fn wait_all(&self, sites: &mut Sites, limit: Duration) -> Result<Vec<RunSummary>> {
+        let t0 = Instant::now();
+        for (h, child, log) in &mut sites.0 {
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    if !status.success() {
+                        bail!(
+                            "{h} ({:?}) exited with {status}:\n{}",
+                            self.strategy,
+                            std::fs::read_to_string(&*log).unwrap_or_default()
+                        );
+                    }
+                    break;
+                }
+                if t0.elapsed() > limit {
+                    bail!(
+                        "{h} ({:?}) still running after {limit:?}:\n{}",
+                        self.strategy,
+                        std::fs::read_to_string(&*log).unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        SITES.iter().map(|h| self.summary(h)).collect()
+    }
+
+    /// Each site's final and initial weights (from its store and its seed).
+    fn weights(&self, h: &str) -> Result<(FlatWeights, FlatWeights)> {
+        let cfg = self.config(h)?;
+        let store = Store::open(&cfg.site.store)?;
+        let device = candle_core::Device::Cpu;
+        let (_, vars, tc) =
+            cosilo_appliance::local::load_model(&store, &session_run(&cfg), &device)?;
+        let (_, init) = cosilo_appliance::train::unet::build(&tc.model, &device, tc.seed)?;
+        Ok((
+            FlatWeights::from_varmap(&vars)?,
+            FlatWeights::from_varmap(&init)?,
+        ))
+    }
+}
+
+/// Checks what every strategy must give: finished, changed, finite models; returns them.
+fn check_sites(fed: &Federation, summaries: &[RunSummary]) -> Result<Vec<FlatWeights>> {
+    let mut out = Vec::new();
+    for (h, s) in SITES.iter().zip(summaries) {
+        assert_eq!(s.site, *h);
+        assert!(s.finished, "{h} did not finish: {s:?}");
+        assert_eq!(s.refused, 0, "{h} refused messages");
+        assert!(s.bytes_sent > 0 && s.bytes_received > 0, "{h}: {s:?}");
+        let (w, init) = fed.weights(h)?;
+        assert!(
+            w.data.iter().all(|x| x.is_finite()),
+            "{h} has non-finite weights"
+        );
+        let changed = w
+            .data
+            .iter()
+            .zip(&init.data)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            changed > w.data.len() / 2,
+            "{h}: only {changed} of {} weights changed",
+            w.data.len()
+        );
+        out.push(w);
+    }
+    Ok(out)
+}
+
+#[test]
+fn fedavg_sites_hold_identical_weights_after_the_last_round() -> Result<()> {
+    let broker = Mosquitto::start(MAX_PACKET)?;
+    let fed = Federation::new(StrategyKind::FedAvg, broker.port(), 2)?;
+    let summaries = fed.run(Duration::from_secs(180))?;
+    let w = check_sites(&fed, &summaries)?;
+    assert_eq!(w[0].layout, w[1].layout);
+    for (i, other) in w.iter().enumerate().skip(1) {
+        let diff = w[0]
+            .data
+            .iter()
+            .zip(&other.data)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(diff, 0, "{} differs from h1 in {diff} weights", SITES[i]);
+    }
+    for s in &summaries {
+        assert_eq!(s.rounds.len(), 2, "{s:?}");
+        let last = s.rounds.last().unwrap();
+        assert_eq!(last.contributors, vec!["h1", "h2", "h3"], "{s:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn braintorrent_merges_and_publishes_no_patient_data() -> Result<()> {
+    let broker = Mosquitto::start(MAX_PACKET)?;
+    let fed = Federation::new(StrategyKind::BrainTorrent, broker.port(), 2)?;
+
+    // A passive listener records every payload published under cosilo/.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let mut cfg = LinkConfig::new("127.0.0.1", broker.port(), "capture");
+    cfg.max_packet_bytes = MAX_PACKET;
+    cfg.clean_session = true;
+    let (capture_link, mut events) =
+        runtime.block_on(link::connect(&cfg, vec!["cosilo/#".into()], None))?;
+    runtime.block_on(async {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+                Ok(Some(LinkEvent::Connected { .. })) => return Ok(()),
+                Ok(Some(_)) => continue,
+                _ => bail!("capture link did not connect"),
+            }
+        }
+    })?;
+    let captured = runtime.spawn(async move {
+        let mut got: Vec<(String, Vec<u8>)> = Vec::new();
+        while let Some(ev) = events.recv().await {
+            if let LinkEvent::Message { topic, payload, .. } = ev {
+                got.push((topic, payload));
+            }
+        }
+        got
+    });
+
+    let summaries = fed.run(Duration::from_secs(180))?;
+    check_sites(&fed, &summaries)?;
+    for s in &summaries {
+        assert_eq!(s.rounds.len(), 2);
+        // Every site merged at least one peer model along the way.
+        assert!(
+            s.rounds.iter().any(|r| r.contributors.len() > 1),
+            "{} never merged: {s:?}",
+            s.site
+        );
+    }
+
+    std::thread::sleep(Duration::from_millis(500));
+    runtime.block_on(capture_link.close())?;
+    drop(capture_link);
+    let got = runtime.block_on(captured)?;
+    assert!(
+        got.iter().any(|(t, _)| t.contains("/updates/")),
+        "no update was captured"
+    );
+    let total: usize = got.iter().map(|(_, p)| p.len()).sum();
+    assert!(total > 100_000, "only {total} bytes captured");
+
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cohort()?.join("manifest.json"))?)?;
+    let mut secrets = Vec::new();
+    for case in manifest["cases"].as_array().context("manifest cases")? {
+        for key in ["patient_name", "patient_id", "case_id"] {
+            let v = case[key].as_str().context("manifest field")?;
+            secrets.push(v.to_string());
+            // Name parts alone too (DICOM person names are FAMILY^GIVEN).
+            secrets.extend(v.split('^').filter(|p| p.len() >= 4).map(str::to_string));
+        }
+    }
+    assert!(secrets.len() >= 30);
+    for (topic, payload) in &got {
+        for s in &secrets {
+            let found = payload
+                .windows(s.len())
+                .any(|w| w.eq_ignore_ascii_case(s.as_bytes()));
+            assert!(!found, "{topic}: a payload contains {s:?}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ciil_token_goes_round_and_all_end_on_one_model() -> Result<()> {
+    let broker = Mosquitto::start(MAX_PACKET)?;
+    let fed = Federation::new(StrategyKind::Ciil, broker.port(), 2)?;
+    let summaries = fed.run(Duration::from_secs(180))?;
+    let w = check_sites(&fed, &summaries)?;
+    for s in &summaries {
+        assert_eq!(
+            s.rounds.len(),
+            2,
+            "{} trained {} times",
+            s.site,
+            s.rounds.len()
+        );
+    }
+    // Everyone installs the last holder's model (h3, last position).
+    for (i, other) in w.iter().enumerate().skip(1) {
+        let max = w[0]
+            .data
+            .iter()
+            .zip(&other.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // Received over f16: within f16 rounding of the holder's own f32 copy.
+        assert!(max < 1e-2, "{} differs from h1 by {max}", SITES[i]);
+    }
+    Ok(())
+}
+
+#[test]
+fn braintorrent_site_stopped_with_sigterm_resumes_from_its_store() -> Result<()> {
+    let broker = Mosquitto::start(MAX_PACKET)?;
+    let fed = Federation::new(StrategyKind::BrainTorrent, broker.port(), 4)?;
+    // Peers that finished while h2 was down cannot answer its pulls: give up sooner.
+    for h in SITES {
+        let mut cfg = fed.config(h)?;
+        cfg.federation.update_timeout_s = 15;
+        std::fs::write(
+            fed.dir.path().join(format!("{h}.toml")),
+            toml::to_string(&cfg)?,
+        )?;
+    }
+    let mut sites = Sites(Vec::new());
+    for h in SITES {
+        sites.0.push(fed.spawn(h, "")?);
+    }
+    // Stop h2 once it has logged its first round.
+    let t0 = Instant::now();
+    let log = sites.0[1].2.clone();
+    while !std::fs::read_to_string(&log)?.contains("round   1 v") {
+        if t0.elapsed() > Duration::from_secs(90) {
+            bail!(
+                "h2 never finished a round:\n{}",
+                std::fs::read_to_string(&log)?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = sites.0[1].1.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()?
+        .success());
+    let status = sites.0[1].1.wait()?;
+    let text = std::fs::read_to_string(&log)?;
+    assert!(status.success(), "h2 after SIGTERM: {status}\n{text}");
+    assert!(text.contains("shutdown requested"), "{text}");
+    let stopped = fed.summary("h2")?;
+    assert!(!stopped.finished);
+    let done_before = stopped.rounds.len();
+    assert!((1..4).contains(&done_before), "{stopped:?}");
+
+    // Restart it: it resumes (same rounds so far) and the federation completes.
+    sites.0[1] = fed.spawn("h2", "-restarted")?;
+    let summaries = fed.wait_all(&mut sites, Duration::from_secs(180))?;
+    let text = std::fs::read_to_string(&sites.0[1].2)?;
+    assert!(text.contains("resumed=true"), "{text}");
+    check_sites(&fed, &summaries)?;
+    let h2 = &summaries[1];
+    assert_eq!(h2.rounds.len(), 4, "{h2:?}");
+    assert_eq!(h2.rounds[..done_before].len(), done_before);
+    Ok(())
+}
+
+#[test]
+fn bad_site_configuration_exits_with_code_64() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        cosilo_appliance::config::DEFAULT_SITE_TOML.replace("rounds = 14", "rounds = 0"),
+    )?;
+    for (path, expect) in [
+        (bad.clone(), "federation.rounds"),
+        (dir.path().join("missing.toml"), "cannot read"),
+    ] {
+        let out = Command::new(cosilo_bin()?)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(err.contains(expect), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn iil_each_site_once_and_all_end_on_the_last_model() -> Result<()> {
+    let broker = Mosquitto::start(MAX_PACKET)?;
+    let fed = Federation::new(StrategyKind::Iil, broker.port(), 2)?;
+    let summaries = fed.run(Duration::from_secs(180))?;
+    let w = check_sites(&fed, &summaries)?;
+    for s in &summaries {
+        // Each site trained at most `rounds` rounds, at least one, in its single turn.
+        assert!((1..=2).contains(&s.rounds.len()), "{s:?}");
+    }
+    for (i, other) in w.iter().enumerate().take(2) {
+        let max = w[2]
+            .data
+            .iter()
+            .zip(&other.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max < 1e-2, "{} differs from h3's final by {max}", SITES[i]);
+    }
+    Ok(())
+}
