@@ -267,6 +267,7 @@ impl Job {
         let split = match self.split {
             Split::Train => 0u64,
             Split::Test => 1,
+            Split::Unlabelled => 2,
         };
         ((self.hospital as u64 + 1) << 40) | (split << 32) | self.index as u64
     }

@@ -27,6 +27,8 @@ pub const GRID_TOLERANCE_MM: f64 = 1e-3;
 pub enum Split {
     Train,
     Test,
+    /// Image-only cases from the PACS bridge, waiting for labels (a DICOM SEG); never trained on.
+    Unlabelled,
 }
 
 impl Split {
@@ -34,6 +36,7 @@ impl Split {
         match self {
             Split::Train => "train",
             Split::Test => "test",
+            Split::Unlabelled => "unlabelled",
         }
     }
 }
@@ -51,8 +54,9 @@ impl FromStr for Split {
         match s {
             "train" => Ok(Split::Train),
             "test" => Ok(Split::Test),
+            "unlabelled" => Ok(Split::Unlabelled),
             other => Err(format!(
-                "split must be \"train\" or \"test\", not {other:?}"
+                "split must be \"train\", \"test\" or \"unlabelled\", not {other:?}"
             )),
         }
     }

@@ -8,6 +8,7 @@
 //! - [`case`]: what a case is, the checks an image/label pair must pass, and case storage.
 //! - [`checkpoint`]: numbered model checkpoints per training run.
 //! - [`import`]: importing a cohort manifest (or one pair) with progress and a report.
+//! - [`volume_import`]: importing volumes already in memory (the PACS bridge's series).
 //! - [`error`]: the error type, [`StoreError`].
 //!
 //! Invariants:
@@ -21,6 +22,7 @@ pub mod case;
 pub mod checkpoint;
 pub mod error;
 pub mod import;
+pub mod volume_import;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -76,6 +78,8 @@ impl std::fmt::Debug for Store {
 pub struct StoreStats {
     pub train_cases: usize,
     pub test_cases: usize,
+    /// Image-only cases from the bridge.
+    pub unlabelled_cases: usize,
     /// Voxels held for all cases (image and label), in bytes.
     pub voxel_bytes: u64,
     pub checkpoints: usize,
@@ -212,6 +216,7 @@ impl Store {
             match meta.split {
                 Split::Train => stats.train_cases += 1,
                 Split::Test => stats.test_cases += 1,
+                Split::Unlabelled => stats.unlabelled_cases += 1,
             }
             stats.voxel_bytes += meta.geometry.len() as u64 * 5;
         }
