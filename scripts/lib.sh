@@ -35,10 +35,11 @@ ensure_python() {
     say "creating $ROOT/.venv"
     python3 -m venv "$ROOT/.venv" 2>/dev/null || { ensure_apt python3-venv; python3 -m venv "$ROOT/.venv"; }
   fi
-  if ! "$COSILO_PYTHON" -c 'import onnx, onnxruntime, numpy, nibabel' 2>/dev/null; then
+  if ! "$COSILO_PYTHON" -c 'import onnx, onnxruntime, numpy, nibabel, pydicom, highdicom, pynetdicom' 2>/dev/null; then
     say "pip install the Python reference tools"
     "$COSILO_PYTHON" -m pip install -q --disable-pip-version-check \
-      onnx==1.23.2 onnxruntime==1.31.1 numpy==2.4.6 nibabel==5.4.2
+      onnx==1.23.2 onnxruntime==1.31.1 numpy==2.4.6 nibabel==5.4.2 \
+      pydicom==3.0.2 highdicom==0.28.2 pynetdicom==3.0.4
   fi
 }
 

@@ -6,7 +6,8 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
-ensure_apt   # apt lists for `apt-get download` (data fetch)
+# Real peers the tests start themselves: an MQTT broker, a PACS, DICOM tools and a DICOM validator.
+ensure_apt mosquitto orthanc dcmtk dicom3tools
 ensure_python
 ensure_ort
 
