@@ -28,12 +28,37 @@ enum Command {
     Evaluate(EvalArgs),
     /// Export a trained run as an ONNX bundle (model.onnx + manifest.json) for the SDK.
     Export(ExportArgs),
-    /// Print the default training configuration (TOML) to start a --config file from.
-    PrintDefaultConfig,
+    /// Print a default configuration (TOML) to start a --config file from: `train` (the default,
+    /// for `cosilo train`) or `site` (for `cosilo run`).
+    PrintDefaultConfig {
+        #[arg(value_enum, default_value = "train")]
+        which: DefaultConfig,
+    },
+    /// Run this appliance in its federation (or alone) as its site configuration says.
+    Run(RunArgs),
+    /// Three hospitals federated on this machine: BrainTorrent against local-only training.
+    Demo(DemoArgs),
     /// Import NIfTI image/label pairs into the store: one pair, or a cohort manifest.
     Import(ImportArgs),
     /// Segment a NIfTI volume with an exported bundle (ONNX Runtime, as a clinical app would).
     Segment(SegmentArgs),
+    /// Run the PACS bridge: receive DICOM (C-STORE), de-identify, assemble series and import
+    /// them into the store (image-only cases as "unlabelled"; labelled when a SEG arrives).
+    Bridge(BridgeArgs),
+    /// Write a result back to the PACS: segment a case's de-identified series (from the bridge's
+    /// spool) with a bundle, write a DICOM SEG against the PACS's own identifiers and queue it in
+    /// the bridge's outbox (durable before "queued"); the running bridge delivers it.
+    Writeback(WritebackArgs),
+    /// Generate this site's federation key: DIR/SITE.key (secret, mode 0600) and DIR/SITE.pub
+    /// (the roster entry, also printed).
+    Keygen {
+        /// The site's id (a-z, 0-9, '_', '-'; at most 32).
+        #[arg(long)]
+        site: String,
+        /// The folder to write the key files into.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Real anatomy and simulated cohorts for experiments.
     Data {
         #[command(subcommand)]
@@ -60,6 +85,95 @@ enum DataCmd {
         #[arg(long, default_value_t = 4)]
         test: usize,
     },
+    /// Write DICOM image series: the real head CT (108 slices) and, with --cohort, a held-out
+    /// cohort case as MR; fictitious patient names and IDs for de-identification to remove.
+    Dicom {
+        /// Output folder (one subfolder per series).
+        #[arg(long)]
+        out: PathBuf,
+        /// A cohort folder (`cosilo data cohort`): its first held-out case becomes an MR series.
+        #[arg(long)]
+        cohort: Option<PathBuf>,
+    },
+}
+
+/// Which default configuration `print-default-config` prints.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum DefaultConfig {
+    /// Training (`cosilo train --config`).
+    Train,
+    /// A site (`cosilo run --config`).
+    Site,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The site configuration (see `cosilo print-default-config site`).
+    #[arg(long)]
+    config: PathBuf,
+    /// Write the run's summary (rounds, Dice before and after, bytes) here as JSON.
+    #[arg(long)]
+    summary: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct BridgeArgs {
+    /// The bridge configuration (TOML; see --print-default-config).
+    #[arg(long, required_unless_present = "print_default_config")]
+    config: Option<PathBuf>,
+    /// Print the default bridge configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// The hospital named in each imported case's provenance.
+    #[arg(long, default_value = "local")]
+    hospital: String,
+    #[command(flatten)]
+    store: StoreDir,
+}
+
+#[derive(clap::Args, Debug)]
+struct WritebackArgs {
+    /// The bridge configuration (its spool, state_dir, outbox and [network.pacs]).
+    #[arg(long)]
+    config: PathBuf,
+    /// The case id the bridge imported (`<patient pseudonym>-<series UID>`).
+    #[arg(long)]
+    case: String,
+    /// The bundle directory (model.onnx + manifest.json).
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Also try to send it now (one outbox pass) instead of leaving it to the running bridge.
+    #[arg(long)]
+    send_now: bool,
+    /// ONNX Runtime intra-op threads (default: one per physical core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Working folder (cohort, stores, keys, configs, logs).
+    #[arg(long, default_value = "out/federation-demo")]
+    out: PathBuf,
+    /// Where the results (federation-demo.md/.json/.svg) go.
+    #[arg(long, default_value = "docs/results")]
+    results: PathBuf,
+    /// Training rounds.
+    #[arg(long, default_value_t = 8)]
+    rounds: u64,
+    /// Optimiser steps per round.
+    #[arg(long, default_value_t = 20)]
+    steps_per_round: usize,
+    /// Steps of personalisation after the rounds (local-only: as many more local steps);
+    /// default 2 x steps per round, 0 = off.
+    #[arg(long)]
+    personalise_steps: Option<usize>,
+    /// Score the held-out cases every this many rounds (0 = only before and at the end).
+    #[arg(long, default_value_t = 0)]
+    eval_every: u64,
+    /// Strategy of the federated run.
+    #[arg(long, default_value = "braintorrent")]
+    strategy: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -68,11 +182,17 @@ struct SegmentArgs {
     #[arg(long)]
     bundle: PathBuf,
     /// The image to segment (NIfTI).
+    #[arg(long, required_unless_present = "dicom", conflicts_with = "dicom")]
+    input: Option<PathBuf>,
+    /// A folder holding one DICOM image series to segment instead of --input.
     #[arg(long)]
-    input: PathBuf,
+    dicom: Option<PathBuf>,
     /// Where to write the labels (uint8 NIfTI on the input's grid).
-    #[arg(long)]
-    output: PathBuf,
+    #[arg(long, required_unless_present = "seg_out")]
+    output: Option<PathBuf>,
+    /// With --dicom: write the labels as a DICOM SEG referencing the series.
+    #[arg(long, requires = "dicom")]
+    seg_out: Option<PathBuf>,
     /// An annotation of the same image: prints 3-D Dice per class.
     #[arg(long)]
     truth: Option<PathBuf>,
@@ -179,16 +299,124 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_else(cosilo_appliance::fetch::default_cache_dir);
     match cli.command {
         Command::Import(args) => import(args),
+        Command::Bridge(args) => bridge(args),
+        Command::Writeback(args) => writeback(args),
         Command::Segment(args) => segment(args),
         Command::Train(args) => train(args),
         Command::Evaluate(args) => evaluate(args),
         Command::Export(args) => export(args),
-        Command::PrintDefaultConfig => {
-            print!("{}", cosilo_appliance::train::DEFAULT_TRAIN_TOML);
+        Command::PrintDefaultConfig { which } => {
+            print!(
+                "{}",
+                match which {
+                    DefaultConfig::Train => cosilo_appliance::train::DEFAULT_TRAIN_TOML,
+                    DefaultConfig::Site => cosilo_appliance::config::DEFAULT_SITE_TOML,
+                }
+            );
+            Ok(())
+        }
+        Command::Run(args) => run_site(args),
+        Command::Demo(args) => {
+            let opts = cosilo_appliance::demo::DemoOptions {
+                out: args.out,
+                results: args.results,
+                cache,
+                rounds: args.rounds,
+                steps_per_round: args.steps_per_round,
+                personalise_steps: args
+                    .personalise_steps
+                    .unwrap_or(2 * args.steps_per_round),
+                eval_every: args.eval_every,
+                strategy: args.strategy,
+                cosilo: std::env::current_exe()?,
+            };
+            cosilo_appliance::demo::run_demo(&opts)?;
+            Ok(())
+        }
+        Command::Keygen { site, out } => {
+            let keys = cosilo_appliance::federation::keys::SiteKeys::generate(&site)?;
+            let path = keys.save(&out)?;
+            eprintln!("wrote {} (secret) and its .pub", path.display());
+            print!("{}", keys.roster_entry());
             Ok(())
         }
         Command::Data { cmd } => data(cmd, &cache),
     }
+}
+
+/// A configuration problem: `cosilo run` exits with this code (EX_USAGE of sysexits.h).
+#[derive(Debug)]
+struct BadConfig(String);
+
+impl std::fmt::Display for BadConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadConfig {}
+
+/// `cosilo run`: the daemon until its strategy finishes, SIGTERM or ctrl-c.
+fn run_site(args: RunArgs) -> anyhow::Result<()> {
+    use cosilo_appliance::{config::SiteConfig, federation::daemon};
+    let cfg = SiteConfig::load(&args.config).map_err(|e| BadConfig(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let summary = runtime.block_on(async {
+        let shutdown = async {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{signal, SignalKind};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = term.recv() => {}
+                            _ = tokio::signal::ctrl_c() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        };
+        daemon::run(cfg, shutdown).await
+    });
+    let summary = match summary {
+        Ok(s) => s,
+        Err(daemon::DaemonError::Config(e)) => return Err(BadConfig(e.to_string()).into()),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(path) = &args.summary {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
+    println!(
+        "{}: {} ({} rounds), held-out tissue Dice {} -> {}, sent {} B, received {} B, refused {}",
+        summary.site,
+        if summary.finished {
+            "finished"
+        } else {
+            "stopped"
+        },
+        summary.rounds.len(),
+        summary
+            .initial_tissue_mean
+            .map_or("–".into(), |d| format!("{d:.3}")),
+        summary
+            .final_tissue_mean
+            .map_or("–".into(), |d| format!("{d:.3}")),
+        summary.bytes_sent,
+        summary.bytes_received,
+        summary.refused
+    );
+    Ok(())
 }
 
 /// `cosilo data fetch` and `cosilo data cohort`.
@@ -226,6 +454,17 @@ fn data(cmd: DataCmd, cache: &std::path::Path) -> anyhow::Result<()> {
                 out.join(cohort::MANIFEST_FILE).display()
             );
         }
+        DataCmd::Dicom { out, cohort } => {
+            use cosilo_appliance::dicom_data::write_dicom_data;
+            let r = write_dicom_data(cache, &out, cohort.as_deref())?;
+            println!("{} CT instances in {}", r.ct_files, r.ct_dir.display());
+            if let Some((dir, case, n)) = r.mr {
+                println!(
+                    "{n} MR instances of cohort case {case} in {}",
+                    dir.display()
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -239,24 +478,43 @@ fn segment(args: SegmentArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let segmenter = Segmenter::open_with(&args.bundle, &options)?;
-    let image = read_nifti(&args.input)?;
     let t0 = std::time::Instant::now();
-    let seg = segmenter.segment(&image)?;
+    let (seg, series, input) = match (&args.dicom, &args.input) {
+        (Some(dir), _) => {
+            let (seg, series) = segmenter.segment_dicom_series(dir)?;
+            (seg, Some(series), dir.clone())
+        }
+        (None, Some(p)) => (segmenter.segment(&read_nifti(p)?)?, None, p.clone()),
+        (None, None) => anyhow::bail!("give --input or --dicom"),
+    };
     let seconds = t0.elapsed().as_secs_f64();
-    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let mut written = Vec::new();
+    if let Some(out) = &args.output {
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        }
+        write_nifti_labels(out, &seg.labels)?;
+        written.push(out.display().to_string());
     }
-    write_nifti_labels(&args.output, &seg.labels)?;
+    if let (Some(out), Some(series)) = (&args.seg_out, &series) {
+        use cosilo_sdk::dicom::{segments_for_classes, write_seg, AlgorithmInfo};
+        let m = segmenter.manifest();
+        let segments = segments_for_classes(&m.classes);
+        let version = m.model_sha256.get(..16).unwrap_or(&m.model_sha256);
+        let algorithm = AlgorithmInfo::new(&m.model_name, version);
+        write_seg(&seg.labels, series, &segments, &algorithm, out)?;
+        written.push(format!("{} (DICOM SEG)", out.display()));
+    }
     let dice = match &args.truth {
         Some(p) => Some(segmenter.dice(&seg, &read_nifti_labels(p)?)?),
         None => None,
     };
     println!(
         "{} ({}) -> {} in {seconds:.2} s",
-        args.input.display(),
+        input.display(),
         segmenter.manifest().model_name,
-        args.output.display()
+        written.join(", ")
     );
     println!(
         "{:<16} {:>5} {:>10}{}",
@@ -466,6 +724,131 @@ fn evaluate(args: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cosilo bridge`: SCP → de-identify → spool → assembler → store, until SIGINT/SIGTERM.
+fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use cosilo_bridge::pipeline::{Bridge, PipelineConfig, PipelineError, DEFAULT_CONFIG};
+
+    if args.print_default_config {
+        print!("{DEFAULT_CONFIG}");
+        return Ok(());
+    }
+    let Some(path) = args.config else {
+        anyhow::bail!("--config is required");
+    };
+    let cfg = match PipelineConfig::from_file(&path) {
+        Ok(cfg) => cfg,
+        Err(e @ (PipelineError::ParseConfig { .. } | PipelineError::Invalid(_))) => {
+            return Err(anyhow::Error::new(BadConfig(format!("{e:#}"))))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let store = cosilo_appliance::store::Store::open(&args.store.path)?;
+    let sink = Arc::new(cosilo_appliance::bridge_sink::StoreSeriesSink::new(
+        store,
+        args.hospital,
+    ));
+    let shutdown = Arc::new(AtomicBool::new(false));
+    {
+        let shutdown = shutdown.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+                }
+            });
+            shutdown.store(true, Ordering::SeqCst);
+        });
+    }
+    let report = Bridge::run(&cfg, sink, &shutdown, |addr| {
+        println!("listening on {addr}");
+    })?;
+    println!(
+        "bridge stopped: {} series imported, {} refused",
+        report.imported.len(),
+        report.refused.len()
+    );
+    Ok(())
+}
+
+/// `cosilo writeback`: spool's done/ series → SDK segmentation → re-identified SEG → outbox.
+fn writeback(args: WritebackArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use cosilo_bridge::deid::MappingStore;
+    use cosilo_bridge::outbox::Outbox;
+    use cosilo_bridge::pipeline::{PipelineConfig, PipelineError};
+    use cosilo_bridge::writeback;
+    use cosilo_sdk::dicom::{segments_for_classes, AlgorithmInfo};
+    use cosilo_sdk::segment::{Segmenter, SegmenterOptions};
+
+    let cfg = match PipelineConfig::from_file(&args.config) {
+        Ok(cfg) => cfg,
+        Err(e @ (PipelineError::ParseConfig { .. } | PipelineError::Invalid(_))) => {
+            return Err(anyhow::Error::new(BadConfig(format!("{e:#}"))))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(pacs) = cfg.network.pacs.clone() else {
+        return Err(anyhow::Error::new(BadConfig(format!(
+            "{}: no [network.pacs] to write back to",
+            args.config.display()
+        ))));
+    };
+    let series_dir = writeback::done_series_dir(&cfg.network.spool_dir, &args.case)?;
+    let segmenter = Segmenter::open_with(
+        &args.bundle,
+        &SegmenterOptions {
+            intra_threads: args.threads,
+            ..Default::default()
+        },
+    )?;
+    let t0 = std::time::Instant::now();
+    let (segmentation, pseudo) = segmenter
+        .segment_dicom_series(&series_dir)
+        .with_context(|| format!("segmenting case {}", args.case))?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let mapping = MappingStore::open(&cfg.state_dir)?;
+    let source = writeback::reidentify_at_pacs(&pseudo, &mapping, &pacs)?;
+    let m = segmenter.manifest();
+    let version = m.model_sha256.get(..16).unwrap_or(&m.model_sha256);
+    let outbox = Outbox::open(&cfg.network.outbox_dir, cfg.network.retry_policy())?;
+    let item = writeback::queue_seg(
+        &segmentation.labels,
+        &source,
+        &segments_for_classes(&m.classes),
+        &AlgorithmInfo::new(&m.model_name, version),
+        &outbox,
+        &pacs,
+    )?;
+    println!(
+        "queued {} for {} ({}): case {} segmented in {seconds:.2} s",
+        item.id, pacs.ae_title, pacs.address, args.case
+    );
+    if args.send_now {
+        let r = outbox.run_once()?;
+        if outbox.pending()?.iter().any(|i| i.id == item.id) {
+            println!("not sent yet (the bridge retries it): {r:?}");
+        } else if outbox.dead()?.iter().any(|i| i.id == item.id) {
+            anyhow::bail!(
+                "{} was given up (see {})",
+                item.id,
+                outbox.dead_dir().display()
+            );
+        } else {
+            println!("sent {}", item.id);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -476,6 +859,10 @@ fn main() -> ExitCode {
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<BadConfig>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(64)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

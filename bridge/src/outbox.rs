@@ -185,6 +185,12 @@ impl Outbox {
         Ok(ob)
     }
 
+    /// The outbox's folder (callers may stage files here before [`Outbox::enqueue`]; only
+    /// `pending/` and `dead/` belong to the queue).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn pending_dir(&self) -> PathBuf {
         self.dir.join("pending")
     }

@@ -4,8 +4,10 @@
 //! [`DeidSink`] is the [`InstanceSink`] the SCP calls: it de-identifies each instance in memory
 //! (refusing burned-in or unmarked pixel data), writes it durably with a [`SpoolSink`] and tells
 //! the [`SeriesAssembler`]; only then does the SCP answer success. [`Bridge::run`] serves until
-//! `shutdown` is set, polling the assembler. [`PipelineConfig`] is its TOML configuration, with the
-//! defaults checked in at `bridge/config/bridge.toml` ([`DEFAULT_CONFIG`]).
+//! `shutdown` is set, polling the assembler and, when a PACS is configured (`[network.pacs]`),
+//! running the write-back [`Outbox`] on its own thread so a PACS outage (each attempt can wait for
+//! the peer's timeout) never holds up assembly. [`PipelineConfig`] is its TOML configuration, with
+//! the defaults checked in at `bridge/config/bridge.toml` ([`DEFAULT_CONFIG`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::assemble::{AssembleError, PollReport, SeriesAssembler, SeriesSink, SystemClock};
 use crate::config::{BridgeConfig, ConfigError};
 use crate::deid::{DatePolicy, DeidError, Deidentifier, MappingStore};
+use crate::outbox::{self, Outbox, OutboxError};
 use crate::scp::{self, Accepted, InstanceSink, ReceivedInstance, ScpError, SinkError, SpoolSink};
 
 /// The default configuration, as checked in.
@@ -82,6 +85,8 @@ pub enum PipelineError {
     Poll(#[source] AssembleError),
     #[error("cannot start the DICOM service")]
     Scp(#[source] ScpError),
+    #[error("cannot open the write-back outbox")]
+    Outbox(#[source] OutboxError),
 }
 
 impl PipelineConfig {
@@ -207,15 +212,55 @@ pub struct Bridge;
 /// What a [`Bridge::run`] did, summed over its polls.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct RunReport {
+    /// Case ids handed to the series sink.
     pub imported: Vec<String>,
+    /// `(series, reason)` of series the sink or the assembler refused.
     pub refused: Vec<(String, String)>,
+    /// Write-back: the outbox's passes summed (`waiting` is that of the last pass). All zero when
+    /// no PACS is configured.
+    pub outbox: outbox::RunReport,
+}
+
+/// Runs outbox passes every `interval` until `stop` or `shutdown` is set, summing what they did.
+/// A failing pass (the outbox's own files, not a failed send) is logged and tried again later.
+fn outbox_loop(
+    outbox: &Outbox,
+    interval: Duration,
+    shutdown: &AtomicBool,
+    stop: &AtomicBool,
+) -> outbox::RunReport {
+    let stopping = || shutdown.load(Ordering::SeqCst) || stop.load(Ordering::SeqCst);
+    let mut total = outbox::RunReport::default();
+    while !stopping() {
+        match outbox.run_once() {
+            Ok(r) => {
+                total.sent += r.sent;
+                total.retried += r.retried;
+                total.dead += r.dead;
+                total.waiting = r.waiting;
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::assemble::error_chain(&e), "write-back outbox pass failed")
+            }
+        }
+        // Sleep in short steps so shutdown is not delayed by a long interval.
+        let until = std::time::Instant::now() + interval;
+        while !stopping() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20).min(interval));
+        }
+    }
+    total
 }
 
 impl Bridge {
     /// Serves DICOM until `shutdown` is set: the SCP feeds a [`DeidSink`], and complete series go
-    /// to `series_sink`. On shutdown the SCP stops (running associations get the grace period)
-    /// and the assembler is polled a last time; series not yet complete stay in the spool for the
-    /// next start. `on_listening` is called with the SCP's address once it accepts associations.
+    /// to `series_sink`. When `network.pacs` is configured, the outbox in `network.outbox_dir`
+    /// is run every `assembly.poll_interval_ms` on its own thread: queued write-back (DICOM SEG,
+    /// [`crate::writeback::queue_seg`]) is C-STOREd to each item's destination, failures retried
+    /// with the configured backoff. On shutdown the SCP stops (running associations get the grace
+    /// period), the outbox finishes its current pass, and the assembler is polled a last time;
+    /// series not yet complete and items not yet sent stay on disk for the next start.
+    /// `on_listening` is called with the SCP's address once it accepts associations.
     pub fn run(
         cfg: &PipelineConfig,
         series_sink: Arc<dyn SeriesSink>,
@@ -234,30 +279,249 @@ impl Bridge {
             )
             .map_err(PipelineError::Assembler)?,
         );
+        let outbox = match &cfg.network.pacs {
+            Some(pacs) => {
+                let ob = Outbox::open(&cfg.network.outbox_dir, cfg.network.retry_policy())
+                    .map_err(PipelineError::Outbox)?;
+                tracing::info!(pacs = %pacs.ae_title, address = %pacs.address,
+                    outbox = %cfg.network.outbox_dir.display(), "write-back enabled");
+                Some(ob)
+            }
+            None => None,
+        };
         let sink = Arc::new(DeidSink::new(deid, spool, assembler.clone()));
         let handle = scp::serve(cfg.network.scp(), sink).map_err(PipelineError::Scp)?;
         tracing::info!(addr = %handle.local_addr(), ae = %cfg.network.ae_title, "bridge listening");
         on_listening(handle.local_addr());
-        let mut report = RunReport::default();
         let interval = Duration::from_millis(cfg.assembly.poll_interval_ms);
-        let mut add = |r: PollReport| {
-            report.imported.extend(r.imported);
-            report.refused.extend(r.refused);
+        let stop_outbox = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let outbox_thread = outbox
+                .as_ref()
+                .map(|ob| scope.spawn(|| outbox_loop(ob, interval, shutdown, &stop_outbox)));
+            let mut report = RunReport::default();
+            let mut add = |r: PollReport| {
+                report.imported.extend(r.imported);
+                report.refused.extend(r.refused);
+            };
+            let mut result = Ok(());
+            while !shutdown.load(Ordering::SeqCst) {
+                std::thread::sleep(interval);
+                match assembler.poll(series_sink.as_ref()) {
+                    Ok(r) => add(r),
+                    Err(e) => {
+                        result = Err(PipelineError::Poll(e));
+                        break;
+                    }
+                }
+            }
+            handle.stop();
+            stop_outbox.store(true, Ordering::SeqCst);
+            if result.is_ok() {
+                result = assembler
+                    .poll(series_sink.as_ref())
+                    .map(&mut add)
+                    .map_err(PipelineError::Poll);
+            }
+            if let Some(t) = outbox_thread {
+                // The loop never panics on its own; a panic here is a bug worth propagating.
+                report.outbox = t.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            }
+            result.map(|()| report)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assemble::AssembledSeries;
+    use crate::scu::PeerAe;
+    use cosilo_sdk::dicom::{write_series, Modality, SeriesMeta};
+    use cosilo_sdk::volume::{Geometry, Volume};
+    use std::time::Instant;
+
+    /// Counts what it is given; the outbox test needs a series sink but no series.
+    #[derive(Default)]
+    struct CountingSink(std::sync::Mutex<usize>);
+
+    impl SeriesSink for CountingSink {
+        fn import(&self, _: AssembledSeries) -> Result<(), String> {
+            *self.0.lock().unwrap() += 1;
+            Ok(())
+        }
+    }
+
+    /// A loopback port nothing listens on (yet).
+    fn free_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn bridge_runs_the_outbox_pacs_down_then_retried_then_delivered() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        // One real DICOM instance to write back.
+        let geometry = Geometry {
+            dims: [4, 4, 2],
+            affine: [
+                [-1.0, 0.0, 0.0, 0.0],
+                [0.0, -1.0, 0.0, 0.0],
+                [0.0, 0.0, 2.0, 0.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
         };
-        while !shutdown.load(Ordering::SeqCst) {
-            std::thread::sleep(interval);
-            match assembler.poll(series_sink.as_ref()) {
-                Ok(r) => add(r),
-                Err(e) => {
-                    handle.stop();
-                    return Err(PipelineError::Poll(e));
+        let volume = Volume {
+            data: (0..geometry.len()).map(|i| i as f32).collect(),
+            geometry,
+        };
+        let files = write_series(
+            &volume,
+            &SeriesMeta::new(Modality::Mr, "outbox-in-bridge"),
+            root.join("src"),
+        )
+        .unwrap();
+
+        let pacs_port = free_port();
+        let pacs = PeerAe::new("PACS", &format!("127.0.0.1:{pacs_port}"), "COSILO");
+        std::fs::write(
+            root.join("deid.key"),
+            b"pipeline outbox test secret 32 bytes",
+        )
+        .unwrap();
+        let mut cfg = PipelineConfig::default_config().unwrap();
+        cfg.state_dir = root.join("state");
+        cfg.network.bind = "127.0.0.1:0".parse().unwrap();
+        cfg.network.spool_dir = root.join("spool");
+        cfg.network.outbox_dir = root.join("outbox");
+        cfg.network.reserve_bytes = 1 << 20;
+        cfg.network.pacs = Some(pacs.clone());
+        cfg.network.outbox_max_attempts = 1000;
+        cfg.network.outbox_base_delay_s = 0;
+        cfg.network.outbox_max_delay_s = 0;
+        cfg.deid.secret_file = root.join("deid.key");
+        cfg.assembly.poll_interval_ms = 50;
+        cfg.validate().unwrap();
+
+        // Queued before the bridge starts, as `cosilo writeback` does while it is stopped.
+        let queued = Outbox::open(&cfg.network.outbox_dir, cfg.network.retry_policy())
+            .unwrap()
+            .enqueue(&files[0], &pacs)
+            .unwrap();
+
+        let shutdown = AtomicBool::new(false);
+        let sink = Arc::new(CountingSink::default());
+        let report = std::thread::scope(|s| {
+            let bridge = s.spawn(|| Bridge::run(&cfg, sink.clone(), &shutdown, |_| {}));
+            let ob = Outbox::open(&cfg.network.outbox_dir, cfg.network.retry_policy()).unwrap();
+            // The PACS is down: the bridge tries, fails, keeps the item with the reason.
+            wait_until("a failed attempt", Duration::from_secs(20), || {
+                ob.pending()
+                    .unwrap()
+                    .first()
+                    .is_some_and(|i| i.attempts >= 2 && i.last_error.is_some())
+            });
+            assert!(ob.dead().unwrap().is_empty());
+            // The PACS comes up (a real SCP spooling what it receives): the bridge delivers.
+            let pacs_spool = root.join("pacs");
+            let pacs_sink = Arc::new(scp::SpoolSink::new(&pacs_spool, 0).unwrap());
+            let mut scp_cfg = cfg.network.scp();
+            scp_cfg.ae_title = "PACS".into();
+            scp_cfg.bind = format!("127.0.0.1:{pacs_port}").parse().unwrap();
+            let pacs_scp = scp::serve(scp_cfg, pacs_sink.clone()).unwrap();
+            wait_until("delivery", Duration::from_secs(20), || {
+                ob.pending().unwrap().is_empty()
+            });
+            let sop = dicom::object::open_file(&files[0])
+                .unwrap()
+                .meta()
+                .media_storage_sop_instance_uid()
+                .trim_end_matches('\0')
+                .to_string();
+            let stored: Vec<PathBuf> = walk(&pacs_spool)
+                .into_iter()
+                .filter(|p| p.file_stem().is_some_and(|n| n.to_string_lossy() == sop))
+                .collect();
+            assert_eq!(stored.len(), 1, "the PACS holds the instance {sop}");
+            assert!(
+                std::fs::read(&stored[0]).unwrap().len() > 128,
+                "a real file"
+            );
+            shutdown.store(true, Ordering::SeqCst);
+            let report = bridge.join().unwrap().unwrap();
+            pacs_scp.stop();
+            report
+        });
+        assert_eq!(report.outbox.sent, 1, "{report:?}");
+        assert!(report.outbox.retried >= 2, "{report:?}");
+        assert_eq!(report.outbox.dead, 0);
+        assert!(report.imported.is_empty());
+        assert!(!root
+            .join("outbox/pending")
+            .join(format!("{}.dcm", queued.id))
+            .exists());
+    }
+
+    #[test]
+    fn without_a_pacs_the_outbox_is_left_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::write(
+            root.join("deid.key"),
+            b"pipeline outbox test secret 32 bytes",
+        )
+        .unwrap();
+        std::fs::write(root.join("x.dcm"), b"queued while a PACS was configured").unwrap();
+        let mut cfg = PipelineConfig::default_config().unwrap();
+        cfg.state_dir = root.join("state");
+        cfg.network.bind = "127.0.0.1:0".parse().unwrap();
+        cfg.network.spool_dir = root.join("spool");
+        cfg.network.outbox_dir = root.join("outbox");
+        cfg.network.reserve_bytes = 1 << 20;
+        cfg.network.outbox_base_delay_s = 0;
+        cfg.deid.secret_file = root.join("deid.key");
+        cfg.assembly.poll_interval_ms = 20;
+        assert!(cfg.network.pacs.is_none());
+        let ob = Outbox::open(&cfg.network.outbox_dir, cfg.network.retry_policy()).unwrap();
+        ob.enqueue(
+            &root.join("x.dcm"),
+            &PeerAe::new("PACS", "127.0.0.1:1", "COSILO"),
+        )
+        .unwrap();
+        let shutdown = AtomicBool::new(false);
+        let report = std::thread::scope(|s| {
+            let bridge =
+                s.spawn(|| Bridge::run(&cfg, Arc::new(CountingSink::default()), &shutdown, |_| {}));
+            std::thread::sleep(Duration::from_millis(300));
+            shutdown.store(true, Ordering::SeqCst);
+            bridge.join().unwrap().unwrap()
+        });
+        assert_eq!(report.outbox, outbox::RunReport::default());
+        assert_eq!(ob.pending().unwrap()[0].attempts, 0, "nothing was tried");
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
                 }
             }
         }
-        handle.stop();
-        add(assembler
-            .poll(series_sink.as_ref())
-            .map_err(PipelineError::Poll)?);
-        Ok(report)
+        out
     }
 }

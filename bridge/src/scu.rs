@@ -375,6 +375,20 @@ pub fn find_identifier(level: QueryLevel, filter: &QueryFilter) -> InMemDicomObj
         VR::LO,
         filter.study_description.as_deref().unwrap_or(""),
     );
+    // Return keys for write-back: a SEG filed into the PACS's study must repeat its patient and
+    // study attributes (Orthanc files it into the existing study only when PatientID and
+    // StudyInstanceUID both match).
+    for (tag, vr) in [
+        (tags::PATIENT_NAME, VR::PN),
+        (tags::PATIENT_BIRTH_DATE, VR::DA),
+        (tags::PATIENT_SEX, VR::CS),
+        (tags::ACCESSION_NUMBER, VR::SH),
+        (tags::STUDY_ID, VR::SH),
+        (tags::STUDY_TIME, VR::TM),
+        (tags::REFERRING_PHYSICIAN_NAME, VR::PN),
+    ] {
+        put_str(&mut q, tag, vr, "");
+    }
     let modality = filter.modality.as_deref().unwrap_or("");
     match level {
         QueryLevel::Study => {
@@ -737,6 +751,15 @@ mod tests {
         assert_eq!(text_of(&q, tags::MODALITIES_IN_STUDY), "CT");
         assert_eq!(text_of(&q, tags::STUDY_DATE), "20240101-");
         assert!(q.element(tags::MODALITY).is_err());
+        for tag in [
+            tags::PATIENT_NAME,
+            tags::PATIENT_SEX,
+            tags::ACCESSION_NUMBER,
+            tags::STUDY_TIME,
+        ] {
+            assert!(q.element(tag).is_ok(), "{tag} is requested");
+            assert_eq!(text_of(&q, tag), "", "{tag} is a return key, not a filter");
+        }
         let s = find_identifier(QueryLevel::Series, &f);
         assert_eq!(text_of(&s, tags::MODALITY), "CT");
         assert!(s.element(tags::SERIES_INSTANCE_UID).is_ok());

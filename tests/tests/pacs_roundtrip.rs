@@ -12,9 +12,11 @@
 //!    store or the spool, no case's metadata and no line of the bridge's log holds an original
 //!    name, ID, birth date, accession number or UID. Moving a study again, after a bridge restart,
 //!    gives the same pseudonym and the same case.
-//! 4. The SDK segments the de-identified MR series with an exported (untrained) bundle; the SEG is
-//!    written against the re-identified series (pseudonymous UIDs mapped back through the bridge's
-//!    mapping store), queued in the outbox while the PACS is down, and C-STOREd once it is back. It
+//! 4. `cosilo writeback` segments the de-identified MR series with an exported (untrained) bundle,
+//!    writes the SEG against the series re-identified by the bridge (`writeback::reidentify_at_pacs`:
+//!    UIDs and PatientID through the mapping store, the other patient/study attributes from a
+//!    C-FIND at the PACS) and queues it in the outbox; the running bridge fails to deliver it while
+//!    the PACS is down, keeps it, and C-STOREs it once the PACS is back. It
 //!    then sits in the MR study in Orthanc; downloaded from there, pydicom and highdicom
 //!    (`tests/py/check_seg.py`) rebuild the SDK's labels voxel for voxel on the source geometry,
 //!    and `dciodvfy` reports no error.
@@ -41,11 +43,12 @@ use cosilo_appliance::store::{Split, Store};
 use cosilo_appliance::train::{unet, TrainConfig};
 use cosilo_bridge::assemble::{DONE_DIR, REFUSED_DIR};
 use cosilo_bridge::deid::{DatePolicy, MappingStore};
-use cosilo_bridge::outbox::{Outbox, RetryPolicy};
+use cosilo_bridge::outbox::Outbox;
 use cosilo_bridge::pipeline::PipelineConfig;
 use cosilo_bridge::scu::{self, MoveTarget, PeerAe, QueryFilter, QueryLevel};
+use cosilo_bridge::writeback;
 use cosilo_sdk::bundle::{rfc3339_utc, Metrics, Provenance};
-use cosilo_sdk::dicom::{segments_for_classes, write_seg, AlgorithmInfo, SeriesVolume};
+use cosilo_sdk::dicom::segments_for_classes;
 use cosilo_sdk::segment::{Segmenter, SegmenterOptions};
 use cosilo_sdk::volume::read_nifti;
 use cosilo_sdk::Geometry;
@@ -501,54 +504,6 @@ fn rest_bytes(orthanc: &Orthanc, path: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The pseudonymous series as the PACS knows it: UIDs mapped back through the bridge's mapping
-/// store, patient and study attributes from the PACS's own record of the study.
-fn reidentify(
-    series: &SeriesVolume,
-    mapping: &MappingStore,
-    study_tags: &Value,
-) -> Result<SeriesVolume> {
-    let original = |uid: &str| {
-        mapping
-            .original_uid(uid)
-            .ok_or_else(|| anyhow!("the mapping store does not know UID {uid}"))
-    };
-    let mut s = series.clone();
-    s.study_uid = original(&series.study_uid)?;
-    s.series_uid = original(&series.series_uid)?;
-    if !series.frame_of_reference_uid.is_empty() {
-        s.frame_of_reference_uid = original(&series.frame_of_reference_uid)?;
-    }
-    for inst in &mut s.sop_instances {
-        inst.instance_uid = original(&inst.instance_uid)?;
-    }
-    let patient_id = mapping
-        .original_patient(&series.study.patient_id)
-        .ok_or_else(|| {
-            anyhow!(
-                "the mapping store does not know patient {}",
-                series.study.patient_id
-            )
-        })?;
-    let tag = |group: &str, name: &str| study_tags[group][name].as_str().unwrap_or("").to_string();
-    ensure!(
-        tag("PatientMainDicomTags", "PatientID") == patient_id,
-        "the PACS's patient ID differs from the mapping store's"
-    );
-    s.study.patient_id = patient_id;
-    s.study.patient_name = tag("PatientMainDicomTags", "PatientName");
-    s.study.patient_birth_date = tag("PatientMainDicomTags", "PatientBirthDate");
-    s.study.patient_sex = tag("PatientMainDicomTags", "PatientSex");
-    s.study.study_date = tag("MainDicomTags", "StudyDate");
-    s.study.study_time = tag("MainDicomTags", "StudyTime");
-    s.study.study_id = tag("MainDicomTags", "StudyID");
-    s.study.accession_number = tag("MainDicomTags", "AccessionNumber");
-    s.study.referring_physician_name = tag("MainDicomTags", "ReferringPhysicianName");
-    s.study.study_description = tag("MainDicomTags", "StudyDescription");
-    s.files.clear();
-    Ok(s)
-}
-
 /// The Orthanc id of the study with `study_uid`.
 fn orthanc_study(orthanc: &Orthanc, study_uid: &str) -> Result<String> {
     let found = orthanc.post_json(
@@ -624,6 +579,10 @@ fn pacs_roundtrip_deidentifies_imports_and_writes_back_a_seg() -> Result<()> {
     cfg.network.outbox_dir = root.join("outbox");
     cfg.network.reserve_bytes = 64 << 20;
     cfg.network.pacs = Some(PeerAe::new(&orthanc.aet, &orthanc.dicom_addr(), OUR_AE));
+    // Retry write-back every second while Orthanc is down (the defaults wait 30 s and more).
+    cfg.network.outbox_max_attempts = 100;
+    cfg.network.outbox_base_delay_s = 1;
+    cfg.network.outbox_max_delay_s = 1;
     cfg.deid.secret_file = secret;
     cfg.deid.date_policy = DatePolicy::ShiftPerPatient { max_days: 365 };
     cfg.assembly.quiet_period_s = 1;
@@ -902,9 +861,11 @@ fn pacs_roundtrip_deidentifies_imports_and_writes_back_a_seg() -> Result<()> {
     );
     timings.lap("bundle exported + SDK segmented the MR", &mut t);
 
+    // Re-identification through the bridge's API: the mapping store gives the UIDs and PatientID
+    // back, a C-FIND of the study at the PACS the other patient and study attributes.
     let mr_study_id = orthanc_study(&orthanc, &mr.study_uid)?;
     let study_tags = orthanc.get(&format!("/studies/{mr_study_id}"))?;
-    let original = reidentify(&pseudo, &mapping, &study_tags)?;
+    let original = writeback::reidentify_at_pacs(&pseudo, &mapping, &pacs)?;
     let sop_order: Vec<String> = original
         .sop_instances
         .iter()
@@ -915,36 +876,107 @@ fn pacs_roundtrip_deidentifies_imports_and_writes_back_a_seg() -> Result<()> {
         "re-identified instances in the uploaded slice order"
     );
     assert_eq!(original.series_uid, mr.series_uid);
-    let seg_path = root.join("seg.dcm");
-    write_seg(
-        &labels,
-        &original,
-        &segments,
-        &AlgorithmInfo::new("cosilo untrained U-Net b8 d2", env!("CARGO_PKG_VERSION")),
-        &seg_path,
-    )?;
-
-    // Outbox: queued while the PACS is down, kept across a reopen, sent when it is back.
-    let policy = RetryPolicy {
-        max_attempts: 5,
-        base_delay: Duration::ZERO,
-        max_delay: Duration::from_secs(1),
-    };
-    let outbox_dir = root.join("outbox");
-    orthanc.stop();
-    {
-        let outbox = Outbox::open(&outbox_dir, policy)?;
-        outbox.enqueue(&seg_path, &pacs)?;
-        let r = outbox.run_once()?;
-        assert_eq!((r.sent, r.retried), (0, 1), "the PACS is down: {r:?}");
+    assert_eq!(original.study_uid, mr.study_uid);
+    let tag = |group: &str, name: &str| study_tags[group][name].as_str().unwrap_or("").to_string();
+    for (what, got, pacs_says) in [
+        (
+            "PatientID",
+            &original.study.patient_id,
+            tag("PatientMainDicomTags", "PatientID"),
+        ),
+        (
+            "PatientName",
+            &original.study.patient_name,
+            tag("PatientMainDicomTags", "PatientName"),
+        ),
+        (
+            "PatientBirthDate",
+            &original.study.patient_birth_date,
+            tag("PatientMainDicomTags", "PatientBirthDate"),
+        ),
+        (
+            "AccessionNumber",
+            &original.study.accession_number,
+            tag("MainDicomTags", "AccessionNumber"),
+        ),
+        (
+            "StudyDate",
+            &original.study.study_date,
+            tag("MainDicomTags", "StudyDate"),
+        ),
+    ] {
+        assert!(!pacs_says.is_empty(), "Orthanc has no {what}");
+        assert_eq!(
+            got, &pacs_says,
+            "re-identified {what} (C-FIND) equals Orthanc's record"
+        );
     }
+
+    // `cosilo writeback` segments the case, writes the SEG and queues it (durably) in the outbox.
+    let out = Command::new(&bin)
+        .args([
+            "writeback",
+            "--threads",
+            "2",
+            "--case",
+            &mr_case_id,
+            "--config",
+        ])
+        .arg(&config_path)
+        .arg("--bundle")
+        .arg(&bundle)
+        .env("NO_COLOR", "1")
+        .output()
+        .context("running cosilo writeback")?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && said.starts_with("queued "),
+        "cosilo writeback failed:\n{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outbox = Outbox::open(&cfg.network.outbox_dir, cfg.network.retry_policy())?;
+    let queued = outbox.pending()?;
+    assert_eq!(queued.len(), 1, "one SEG queued: {said}");
+    assert_eq!(queued[0].attempts, 0);
+
+    // The PACS goes down; the bridge's outbox fails, keeps the item and retries; the PACS comes
+    // back and the bridge delivers it.
+    orthanc.stop();
+    let mut bridge =
+        BridgeProcess::start(&bin, &config_path, &store_dir, root.join("bridge-3.log"))?;
+    wait_for(
+        "a failed write-back attempt while the PACS is down",
+        Duration::from_secs(30),
+        &mut bridge,
+        || {
+            let items = outbox.pending()?;
+            Ok(items
+                .first()
+                .is_some_and(|i| i.attempts >= 1 && i.last_error.is_some())
+                .then_some(()))
+        },
+    )?;
+    assert!(outbox.dead()?.is_empty(), "given up too early");
+    assert!(
+        bridge.log_text().contains("write-back failed, will retry"),
+        "the bridge logs the failed attempt"
+    );
     orthanc.restart()?;
-    let outbox = Outbox::open(&outbox_dir, policy)?;
-    assert_eq!(outbox.pending()?.len(), 1, "the item survived the reopen");
-    let r = outbox.run_once()?;
-    assert_eq!(r.sent, 1, "write-back after the PACS came back: {r:?}");
-    assert!(outbox.pending()?.is_empty() && outbox.dead()?.is_empty());
-    timings.lap("SEG written, outbox retry + C-STORE to Orthanc", &mut t);
+    wait_for(
+        "the bridge to deliver the SEG once the PACS is back",
+        Duration::from_secs(60),
+        &mut bridge,
+        || Ok(outbox.pending()?.is_empty().then_some(())),
+    )?;
+    assert!(outbox.dead()?.is_empty(), "the SEG was given up");
+    assert!(
+        bridge.log_text().contains("write-back sent"),
+        "the bridge logs the delivery"
+    );
+    timings.lap(
+        "cosilo writeback (SEG queued), PACS down, bridge retried + C-STOREd",
+        &mut t,
+    );
 
     // --- The SEG is in the MR study in Orthanc; read it back independently. ---
     ensure!(orthanc.studies()?.len() == 2, "the SEG made a new study");
@@ -1026,8 +1058,7 @@ fn pacs_roundtrip_deidentifies_imports_and_writes_back_a_seg() -> Result<()> {
     );
 
     // --- The loop closed: the study moved once more brings the SEG in; the case gets labels. ---
-    let mut bridge =
-        BridgeProcess::start(&bin, &config_path, &store_dir, root.join("bridge-3.log"))?;
+    // (Through the same bridge process that delivered the SEG.)
     let outcome = scu::move_(
         &pacs,
         &MoveTarget::Study {
