@@ -6,6 +6,10 @@
 
 use std::path::PathBuf;
 
+pub mod brokers;
+pub mod federation_harness;
+pub mod orthanc;
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

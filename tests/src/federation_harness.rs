@@ -1,0 +1,612 @@
+//! Multi-process federations for tests: a tiny cohort imported into one store per hospital, keys,
+//! a roster and site configurations in a temporary directory ([`Federation`]), `cosilo run`
+//! child processes with their logs captured to files ([`SiteProcess`], killed on drop), and
+//! readers for what the sites leave behind: the `--summary` JSON, the newest session checkpoint
+//! in each store (weights and the daemon's saved state), and the per-round log lines.
+//!
+//! The binaries are the ones `cargo test --workspace --release` builds beside the test
+//! executable (`target/release/cosilo`, `target/release/examples/rogue_site`); a missing one is
+//! built with cargo first. The cohort needs the anatomy cache (`cosilo data fetch`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cosilo_appliance::config::{Quorum, SiteConfig, StrategyKind};
+use cosilo_appliance::federation::daemon::{session_run, RunSummary};
+use cosilo_appliance::federation::keys::SiteKeys;
+use cosilo_appliance::federation::weights::{FlatWeights, WeightFormat};
+use cosilo_appliance::store::Store;
+
+use crate::workspace_root;
+
+/// The max MQTT packet the tiny federations use (a tiny model's update fits one chunk).
+pub const MAX_PACKET: usize = 256 * 1024;
+
+/// The target folder (`target/release` or `target/debug`) of the running test executable.
+fn target_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    // target/release/deps/<test> → target/release
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .context("the test executable has no target folder")
+}
+
+/// Builds `what` (cargo arguments after `build -p cosilo-appliance`) in the test's profile.
+fn cargo_build(what: &[&str], release: bool) -> Result<()> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(workspace_root())
+        .args(["build", "-p", "cosilo-appliance"])
+        .args(what);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("running cargo build {}", what.join(" ")))?;
+    if !status.success() {
+        bail!("cargo build {} failed with {status}", what.join(" "));
+    }
+    Ok(())
+}
+
+/// The `cosilo` binary of this profile, built when missing.
+pub fn cosilo_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(b) = BIN.get() {
+        return Ok(b.clone());
+    }
+    let dir = target_dir()?;
+    let bin = dir.join("cosilo");
+    if !bin.exists() {
+        cargo_build(&["--bin", "cosilo"], dir.ends_with("release"))?;
+        if !bin.exists() {
+            bail!("cargo build did not produce {}", bin.display());
+        }
+    }
+    Ok(BIN.get_or_init(|| bin).clone())
+}
+
+/// An example of `cosilo-appliance` (e.g. `rogue_site`), built when missing or older than its
+/// source file.
+pub fn appliance_example(name: &str) -> Result<PathBuf> {
+    let dir = target_dir()?;
+    let bin = dir.join("examples").join(name);
+    let source = workspace_root()
+        .join("appliance/examples")
+        .join(format!("{name}.rs"));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let stale = match (modified(&bin), modified(&source)) {
+        (Some(b), Some(s)) => b < s,
+        (None, _) => true,
+        (Some(_), None) => false,
+    };
+    if stale {
+        cargo_build(&["--example", name], dir.ends_with("release"))?;
+        if !bin.exists() {
+            bail!("cargo build did not produce {}", bin.display());
+        }
+    }
+    Ok(bin)
+}
+
+/// A tiny cohort (2/2/1 training and 1 held-out patient for h1/h2/h3), built once per test
+/// process into a folder that outlives it (the OS cleans temp).
+pub fn tiny_cohort() -> Result<PathBuf> {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(d) = DIR.get() {
+        return Ok(d.clone());
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("cosilo-faults-cohort")
+        .tempdir()
+        .context("creating the cohort folder")?
+        .keep();
+    let cache = cosilo_appliance::fetch::default_cache_dir();
+    let spec = cosilo_appliance::cohort::CohortSpec::new(11, "2,2,1", 1)?;
+    cosilo_appliance::cohort::build_cohort(&cache, &dir, &spec).with_context(|| {
+        format!(
+            "building the test cohort from {} (run `cosilo data fetch` first)",
+            cache.display()
+        )
+    })?;
+    Ok(DIR.get_or_init(|| dir).clone())
+}
+
+/// The shape of a test federation.
+#[derive(Debug, Clone)]
+pub struct FederationSpec {
+    /// The federation's name (topics live under `cosilo/{name}/`).
+    pub name: String,
+    /// The strategy every site runs.
+    pub strategy: StrategyKind,
+    /// Site ids; each trains on the cohort's hospital of the same id.
+    pub sites: Vec<String>,
+    /// Training rounds.
+    pub rounds: u64,
+    /// Optimiser steps per round.
+    pub steps_per_round: usize,
+    /// FedAvg: seconds after its own update that a site waits for the others.
+    pub round_deadline_s: u64,
+    /// Seconds before an incomplete transfer or an absent peer is given up.
+    pub update_timeout_s: u64,
+    /// FedAvg quorum.
+    pub quorum: Quorum,
+    /// Weights on the wire.
+    pub weight_format: WeightFormat,
+    /// The broker's (and the sites') max packet.
+    pub max_packet_bytes: usize,
+    /// Create every site's persistent MQTT session before any site starts, so the broker
+    /// queues what peers publish before a slow site first connects (see
+    /// [`Federation::provision_sessions`]).
+    pub provision_sessions: bool,
+}
+
+impl FederationSpec {
+    /// Three hospitals h1, h2, h3, a tiny U-Net (base 8, depth 2, batch 2, 48² patches), 3 rounds
+    /// of 3 steps, generous deadlines.
+    pub fn tiny(strategy: StrategyKind) -> FederationSpec {
+        FederationSpec {
+            name: "faults".into(),
+            strategy,
+            sites: ["h1", "h2", "h3"].map(String::from).to_vec(),
+            rounds: 3,
+            steps_per_round: 3,
+            round_deadline_s: 60,
+            update_timeout_s: 90,
+            quorum: Quorum::Count(2),
+            weight_format: WeightFormat::F16Zstd,
+            max_packet_bytes: MAX_PACKET,
+            provision_sessions: true,
+        }
+    }
+}
+
+/// One federation on disk: stores, keys, roster, configurations and logs in a temp dir.
+pub struct Federation {
+    root: PathBuf,
+    /// Deletes `root` on drop (absent when the folder is kept).
+    _guard: Option<tempfile::TempDir>,
+    spec: FederationSpec,
+    launches: std::cell::Cell<u32>,
+}
+
+impl Federation {
+    /// Imports each site's hospital into its own store, generates keys and the roster, and
+    /// writes `{site}.toml` for a broker on 127.0.0.1:`broker_port`.
+    pub fn create(spec: FederationSpec, broker_port: u16) -> Result<Federation> {
+        let dir = tempfile::Builder::new()
+            .prefix("cosilo-faults-")
+            .tempdir()
+            .context("creating the federation folder")?;
+        let manifest = tiny_cohort()?.join("manifest.json");
+        let mut roster = format!("[federation]\nname = \"{}\"\n", spec.name);
+        for h in &spec.sites {
+            let store = Store::open(&dir.path().join(format!("{h}-store")))?;
+            let requests = cosilo_appliance::store::import::read_manifest(&manifest, Some(h))?;
+            if requests.is_empty() {
+                bail!("the cohort has no cases of hospital {h}");
+            }
+            let report = cosilo_appliance::store::import::import_all(&store, &requests)?;
+            if !report.refused.is_empty() {
+                bail!("importing {h}'s cases: {report}");
+            }
+            let keys = SiteKeys::generate(h)?;
+            keys.save(dir.path())?;
+            roster += &format!("\n{}", keys.roster_entry());
+        }
+        std::fs::write(dir.path().join("roster.toml"), roster)?;
+        for h in &spec.sites {
+            let mut cfg = SiteConfig::default();
+            cfg.site.id = h.clone();
+            cfg.site.store = dir.path().join(format!("{h}-store"));
+            cfg.site.hospital = h.clone();
+            cfg.federation.name = spec.name.clone();
+            cfg.federation.strategy = spec.strategy;
+            cfg.federation.roster = dir.path().join("roster.toml");
+            cfg.federation.key = SiteKeys::key_path(dir.path(), h);
+            cfg.federation.rounds = spec.rounds;
+            cfg.federation.steps_per_round = spec.steps_per_round;
+            cfg.federation.round_deadline_s = spec.round_deadline_s;
+            cfg.federation.update_timeout_s = spec.update_timeout_s;
+            cfg.federation.quorum = spec.quorum;
+            cfg.federation.weight_format = spec.weight_format;
+            cfg.broker.embedded = false;
+            cfg.broker.host = "127.0.0.1".into();
+            cfg.broker.port = broker_port;
+            cfg.broker.max_packet_bytes = spec.max_packet_bytes;
+            cfg.train.base = Some(8);
+            cfg.train.depth = Some(2);
+            cfg.train.batch_size = Some(2);
+            cfg.train.patch = Some([48, 48]);
+            cfg.validate()
+                .with_context(|| format!("the test configuration of {h}"))?;
+            std::fs::write(
+                dir.path().join(format!("{h}.toml")),
+                toml::to_string(&cfg).context("serialising a site configuration")?,
+            )?;
+        }
+        if spec.provision_sessions {
+            provision_sessions(&spec, broker_port)?;
+        }
+        // COSILO_KEEP_TEST_DIRS=1 keeps the folder (logs, stores) for a post-mortem.
+        let root = dir.path().to_path_buf();
+        let guard = if std::env::var_os("COSILO_KEEP_TEST_DIRS").is_some() {
+            eprintln!("keeping {}", dir.keep().display());
+            None
+        } else {
+            Some(dir)
+        };
+        Ok(Federation {
+            root,
+            _guard: guard,
+            spec,
+            launches: std::cell::Cell::new(0),
+        })
+    }
+
+    /// The federation's folder.
+    pub fn dir(&self) -> &Path {
+        self.root.as_path()
+    }
+
+    /// Its spec.
+    pub fn spec(&self) -> &FederationSpec {
+        &self.spec
+    }
+
+    /// The roster file.
+    pub fn roster_path(&self) -> PathBuf {
+        self.root.as_path().join("roster.toml")
+    }
+
+    /// A site's secret key file.
+    pub fn key_path(&self, site: &str) -> PathBuf {
+        SiteKeys::key_path(self.root.as_path(), site)
+    }
+
+    /// A site's configuration file.
+    pub fn config_path(&self, site: &str) -> PathBuf {
+        self.root.as_path().join(format!("{site}.toml"))
+    }
+
+    /// A site's configuration as the daemon reads it.
+    pub fn config(&self, site: &str) -> Result<SiteConfig> {
+        Ok(SiteConfig::load(&self.config_path(site))?)
+    }
+
+    /// Where `cosilo run --summary` writes a site's summary.
+    pub fn summary_path(&self, site: &str) -> PathBuf {
+        self.root.as_path().join(format!("{site}-summary.json"))
+    }
+
+    /// Starts `cosilo run --config {site}.toml` with one compute thread; stdout and stderr go to
+    /// `{site}.{n}.log` (n counts launches in this federation, so a restart gets its own log).
+    pub fn start(&self, site: &str) -> Result<SiteProcess> {
+        let n = self.launches.get();
+        self.launches.set(n + 1);
+        let log = self.root.as_path().join(format!("{site}.{n}.log"));
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(cosilo_bin()?)
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_path(site))
+            .arg("--summary")
+            .arg(self.summary_path(site))
+            .env("RAYON_NUM_THREADS", "1")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .with_context(|| format!("starting cosilo run for {site}"))?;
+        Ok(SiteProcess {
+            site: site.to_string(),
+            child: Some(child),
+            log,
+            status: None,
+        })
+    }
+
+    /// Starts every site of the spec.
+    pub fn start_all(&self) -> Result<Vec<SiteProcess>> {
+        self.spec.sites.iter().map(|h| self.start(h)).collect()
+    }
+
+    /// The summary a finished (or cleanly stopped) site wrote.
+    pub fn summary(&self, site: &str) -> Result<RunSummary> {
+        let p = self.summary_path(site);
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    }
+
+    /// The newest durable session checkpoint of a site that is not running (its store is locked
+    /// while it runs).
+    pub fn checkpoint(&self, site: &str) -> Result<SiteCheckpoint> {
+        let cfg = self.config(site)?;
+        let store = Store::open(&cfg.site.store)?;
+        let run = session_run(&cfg);
+        let (seq, meta, _) = store
+            .latest_checkpoint(&run)?
+            .with_context(|| format!("{site} has no checkpoint of {run}"))?;
+        let device = candle_core::Device::Cpu;
+        let (_, vars, _) = cosilo_appliance::local::load_model(&store, &run, &device)
+            .with_context(|| format!("loading {site}'s checkpoint {seq}"))?;
+        Ok(SiteCheckpoint {
+            seq,
+            weights: FlatWeights::from_varmap(&vars)?,
+            meta,
+        })
+    }
+
+    /// The model a site starts from (its configuration's seed), for "did it change" checks.
+    pub fn initial_weights(&self, site: &str) -> Result<FlatWeights> {
+        let tc = self.config(site)?.train_config()?;
+        let device = candle_core::Device::Cpu;
+        let (_, init) = cosilo_appliance::train::unet::build(&tc.model, &device, tc.seed)?;
+        Ok(FlatWeights::from_varmap(&init)?)
+    }
+}
+
+/// Connects once as each site (the daemon's client id `cosilo-{federation}-{site}`, persistent
+/// session, the member subscriptions) and disconnects, so the broker holds every site's session
+/// and queues QoS 1 messages for it from now on. Without this, a FedAvg round update published
+/// before a slow peer's first connection never reaches that peer, which then waits for the
+/// deadline.
+pub fn provision_sessions(spec: &FederationSpec, broker_port: u16) -> Result<()> {
+    use cosilo_appliance::federation::link::{self, LinkConfig, LinkEvent};
+    use cosilo_appliance::federation::wire::topics;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")?;
+    runtime.block_on(async {
+        for h in &spec.sites {
+            let mut cfg = LinkConfig::new(
+                "127.0.0.1",
+                broker_port,
+                format!("cosilo-{}-{h}", spec.name),
+            );
+            cfg.max_packet_bytes = spec.max_packet_bytes;
+            cfg.clean_session = false;
+            let (l, mut events) =
+                link::connect(&cfg, topics::member_filters(&spec.name), None).await?;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(15), events.recv()).await {
+                    Ok(Some(LinkEvent::Connected { .. })) => break,
+                    Ok(Some(_)) => continue,
+                    _ => bail!("provisioning {h}'s session: no connection to the broker"),
+                }
+            }
+            l.close().await?;
+        }
+        Ok(())
+    })
+}
+
+/// A site's newest session checkpoint.
+pub struct SiteCheckpoint {
+    /// The checkpoint's sequence number in the store.
+    pub seq: u64,
+    /// The model it holds.
+    pub weights: FlatWeights,
+    /// Its metadata: `step`, `config`, and `strategy` (the daemon's saved state: `strategy`
+    /// (the strategy's own state), `seq`, `replay`, `rounds`, ...).
+    pub meta: serde_json::Value,
+}
+
+impl SiteCheckpoint {
+    /// The strategy's saved state (`meta.strategy.strategy`).
+    pub fn strategy_state(&self) -> &serde_json::Value {
+        &self.meta["strategy"]["strategy"]
+    }
+
+    /// The rounds the daemon had logged when it saved (`meta.strategy.rounds[].round`).
+    pub fn rounds_logged(&self) -> Vec<u64> {
+        self.meta["strategy"]["rounds"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| r["round"].as_u64()).collect())
+            .unwrap_or_default()
+    }
+
+    /// True when every weight is finite.
+    pub fn all_finite(&self) -> bool {
+        self.weights.data.iter().all(|x| x.is_finite())
+    }
+}
+
+/// A running `cosilo run` (or other) child process with its log file. Killed on drop.
+pub struct SiteProcess {
+    site: String,
+    child: Option<Child>,
+    log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl SiteProcess {
+    /// Wraps a spawned child whose output goes to `log`.
+    pub fn from_child(site: &str, child: Child, log: PathBuf) -> SiteProcess {
+        SiteProcess {
+            site: site.to_string(),
+            child: Some(child),
+            log,
+            status: None,
+        }
+    }
+
+    /// The site id.
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            if let Some(c) = &mut self.child {
+                self.status = c.try_wait().context("polling a child")?;
+            }
+        }
+        Ok(self.status)
+    }
+
+    /// Waits until the log contains `needle` at least `count` times; fails if the process exits
+    /// first or `timeout` passes (the error carries the log).
+    pub fn wait_for_log(&mut self, needle: &str, count: usize, timeout: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            if self.log().matches(needle).count() >= count {
+                return Ok(());
+            }
+            if let Some(s) = self.try_status()? {
+                bail!(
+                    "{} exited ({s}) before logging {needle:?} ×{count}:\n{}",
+                    self.site,
+                    self.log()
+                );
+            }
+            if t0.elapsed() > timeout {
+                bail!(
+                    "{} did not log {needle:?} ×{count} within {timeout:?}:\n{}",
+                    self.site,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal with kill(1) (std's `Child::kill` only sends SIGKILL).
+    fn signal(&self, sig: &str) -> Result<()> {
+        let Some(c) = &self.child else {
+            return Ok(());
+        };
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(c.id().to_string())
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{sig} {} failed", c.id());
+        }
+        Ok(())
+    }
+
+    /// SIGTERM: the daemon checkpoints, says `Leaving` and disconnects.
+    pub fn terminate(&mut self) -> Result<()> {
+        self.signal("TERM")
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let s = c.wait().context("reaping a killed child")?;
+            self.status = Some(s);
+        }
+        self.status.context("no child")
+    }
+
+    /// Waits for the process to exit within `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.try_status()? {
+                return Ok(s);
+            }
+            if t0.elapsed() > timeout {
+                bail!(
+                    "{} still running after {timeout:?}:\n{}",
+                    self.site,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for a successful exit within `timeout`; the error carries the log.
+    pub fn wait_success(&mut self, timeout: Duration) -> Result<()> {
+        let s = self.wait(timeout)?;
+        if !s.success() {
+            bail!("{} exited with {s}:\n{}", self.site, self.log());
+        }
+        Ok(())
+    }
+
+    /// The round numbers (1-based, as printed) of the daemon's per-round log lines, in order.
+    pub fn round_lines(&self) -> Vec<u64> {
+        round_lines(&self.log())
+    }
+}
+
+impl Drop for SiteProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if self.status.is_none() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits for every process to exit successfully within `timeout` in all.
+pub fn wait_all(procs: &mut [SiteProcess], timeout: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    for p in procs.iter_mut() {
+        let left = timeout.saturating_sub(t0.elapsed());
+        p.wait_success(left.max(Duration::from_millis(1)))?;
+    }
+    Ok(())
+}
+
+/// The 1-based round numbers of `round N vV: ...` lines in a daemon log.
+pub fn round_lines(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("round ")? + "round ".len()..];
+            let rest = rest.trim_start();
+            let (n, tail) = rest.split_once(' ')?;
+            tail.starts_with('v')
+                .then(|| n.parse().ok())
+                .flatten()
+                .filter(|_| l.contains("| tissue"))
+        })
+        .collect()
+}
+
+/// Lines of `log` that contain `needle`.
+pub fn lines_with<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
+    log.lines().filter(|l| l.contains(needle)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_lines_parse_the_daemon_format() {
+        let log = "2026 INFO site{id=h1}: x: round   1 v1: loss 0.1 | Dice csf – | tissue 0.2 | sent 1 B\n\
+                   2026 INFO site{id=h1}: x: round 12 v14: loss – | Dice | tissue – | sent\n\
+                   2026 INFO site{id=h1}: x: round 3 of 4 updates (deadline)\n\
+                   2026 INFO site{id=h1}: x: session ready";
+        assert_eq!(round_lines(log), vec![1, 12]);
+        assert_eq!(lines_with(log, "session").len(), 1);
+    }
+}
