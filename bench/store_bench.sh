@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # C-STORE receive throughput: dcmtk storescu (TCP_NODELAY=1) sends the real 108-instance CT series
 # (`cosilo data dicom`) into (a) dcmtk's storescp writing to disk and (b) Cosilo's SCP with the
-# durable SpoolSink (temp file + fsync + rename + directory fsync per instance). 5 repetitions each,
+# durable SpoolSink (one journal append + fdatasync per instance, see bridge/src/journal.rs).
+# 5 repetitions, receivers interleaved within each, load average printed per repetition,
 # fresh output directory per repetition. `cosilo-nofsync` is the same SCP with a benchmark-only sink
 # that skips fsync like storescp does (protocol path alone). Usage: bench/store_bench.sh [CT_DIR] [REPS]
 set -euo pipefail
@@ -35,8 +36,9 @@ send() { # $1 = called AE; prints seconds
 
 echo "| receiver | rep | instances | seconds | instances/s | MB/s |"
 echo "|---|---|---|---|---|---|"
-for rx in storescp cosilo cosilo-nofsync; do
-  for rep in $(seq "$REPS"); do
+for rep in $(seq "$REPS"); do
+  echo "<!-- rep $rep: load average $(cut -d' ' -f1-3 /proc/loadavg) -->"
+  for rx in storescp cosilo cosilo-nofsync; do
     OUT="$WORK/$rx-$rep"; mkdir -p "$OUT"
     if [ "$rx" = storescp ]; then
       storescp -aet STORESCP -od "$OUT" "$PORT" & RX_PID=$!

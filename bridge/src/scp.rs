@@ -6,7 +6,8 @@
 //! association layer is dicom-ul's sync API; command sets come from [`crate::dimse`]. Anything that
 //! goes wrong mid-transfer (a truncated P-DATA, an A-ABORT, a dropped socket, a read timeout) drops
 //! the partial instance: only complete, parsed data sets ever reach the sink. [`SpoolSink`] is the
-//! simple durable sink: one DICOM file per instance, written through temp file + fsync + rename.
+//! durable sink: one DICOM file per instance, made durable through the spool's write-ahead
+//! [`crate::journal`] (one device flush per instance) before the success status goes out.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -32,6 +33,7 @@ use dicom_ul::{Pdu, ServerAssociation, ServerAssociationOptions};
 use tracing::{debug, info, warn};
 
 use crate::dimse::{CEchoRsp, CStoreRq, CStoreRsp, Command, Status};
+use crate::journal::{Journal, JournalConfig, JournalError};
 
 /// SOP classes the SCP accepts: Verification plus the image storage classes the bridge uses.
 pub const SUPPORTED_SOP_CLASSES: &[(&str, &str)] = &[
@@ -602,6 +604,11 @@ impl Conversation<'_> {
                 format!("unknown transfer syntax {}", ctx.transfer_syntax),
             );
         };
+        // dicom-rs allocates declared lengths before reading them: refuse impossible ones first.
+        if let Err(e) = crate::guard::check_dataset_lengths(&data, ts) {
+            let why = format!("data set refused by the length guard ({} bytes): {e}", data.len());
+            return fail(Status::CANNOT_UNDERSTAND, why);
+        }
         let dataset = match InMemDicomObject::read_dataset_with_ts(&data[..], ts) {
             Ok(d) => d,
             Err(e) => {
@@ -655,36 +662,66 @@ fn truncate_comment(s: &str) -> String {
 }
 
 /// A durable [`InstanceSink`]: `<dir>/<study>/<series>/<sop>.dcm`, each a DICOM file with meta in
-/// the received transfer syntax, written as temp file + fsync + rename + directory fsync. It
-/// refuses (A700) when the write would leave less than `reserve_bytes` free on the disk.
+/// the received transfer syntax. When `accept` returns `Ok` the instance is durable (a synced
+/// record in the spool's journal, `<dir>/.journal/`) and its file exists at [`SpoolSink::path_for`]
+/// (written by temp file + rename; a background flusher syncs it later, and opening the sink after
+/// a crash replays the journal). It refuses (A700) when the write would leave less than
+/// `reserve_bytes` free on the disk. Clones share one journal.
 #[derive(Debug, Clone)]
 pub struct SpoolSink {
     dir: PathBuf,
     reserve: cosilo_hardware::DiskReserve,
-    counter: Arc<AtomicU64>,
+    journal: Arc<Journal>,
+}
+
+fn journal_err(e: JournalError) -> SinkError {
+    let (path, source) = e.into_parts();
+    SinkError::Io { path, source }
 }
 
 impl SpoolSink {
-    /// A sink writing under `dir` (created if missing).
+    /// A sink writing under `dir` (created if missing); replays what a previous run left in the
+    /// journal before returning.
     pub fn new(dir: impl Into<PathBuf>, reserve_bytes: u64) -> Result<SpoolSink, SinkError> {
+        SpoolSink::with_journal(dir, reserve_bytes, JournalConfig::default())
+    }
+
+    /// [`SpoolSink::new`] with explicit journal sizes and timing.
+    pub fn with_journal(
+        dir: impl Into<PathBuf>,
+        reserve_bytes: u64,
+        journal: JournalConfig,
+    ) -> Result<SpoolSink, SinkError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|source| SinkError::Io {
             path: dir.clone(),
             source,
         })?;
+        let journal = Journal::open(&dir, journal).map_err(journal_err)?;
         Ok(SpoolSink {
             reserve: cosilo_hardware::DiskReserve {
                 path: dir.clone(),
                 reserve_bytes,
             },
             dir,
-            counter: Arc::new(AtomicU64::new(0)),
+            journal: Arc::new(journal),
         })
     }
 
     /// The spool directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Instances the journal replayed into the spool when this sink opened (left by a crash).
+    pub fn replayed(&self) -> usize {
+        self.journal.replayed().records
+    }
+
+    /// Syncs every instance accepted so far into its own file and empties the journal (the
+    /// background flusher does this within [`JournalConfig::checkpoint_after`] anyway).
+    pub fn checkpoint(&self) -> Result<(), SinkError> {
+        self.journal.checkpoint().map_err(journal_err)
     }
 
     /// Where an instance is (or would be) stored.
@@ -710,19 +747,6 @@ fn checked_uid(what: &str, v: Option<String>) -> Result<String, SinkError> {
             "{what} {v:?} is not a valid UID"
         )))
     }
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
-    move |source| SinkError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), SinkError> {
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(dir))
 }
 
 impl InstanceSink for SpoolSink {
@@ -760,31 +784,9 @@ impl InstanceSink for SpoolSink {
             warn!(error = %e, "C-STORE refused by the disk reserve");
             SinkError::OutOfResources(e.to_string())
         })?;
-        let series_dir = final_path.parent().unwrap_or(&self.dir).to_path_buf();
-        if !series_dir.exists() {
-            std::fs::create_dir_all(&series_dir).map_err(io_err(&series_dir))?;
-            if let Some(study_dir) = series_dir.parent() {
-                fsync_dir(study_dir)?;
-            }
-            fsync_dir(&self.dir)?;
-        }
-        let tmp = series_dir.join(format!(
-            ".{sop}.{}.{}.tmp",
-            std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed)
-        ));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            // fdatasync: flushes the data and the size (all a new file needs), not the times.
-            f.sync_data()
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io_err(&tmp)(e));
-        }
-        std::fs::rename(&tmp, &final_path).map_err(io_err(&final_path))?;
-        fsync_dir(&series_dir)?;
+        self.journal
+            .commit(&format!("{study}/{series}/{sop}.dcm"), &bytes)
+            .map_err(journal_err)?;
         Ok(Accepted::Stored)
     }
 }

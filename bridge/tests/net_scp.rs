@@ -7,9 +7,10 @@ mod net_support;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use cosilo_bridge::dimse::{CStoreRq, Command, Priority, Status};
-use cosilo_bridge::scp::ScpConfig;
+use cosilo_bridge::journal::{self, JournalConfig};
+use cosilo_bridge::scp::{Accepted, InstanceSink, ReceivedInstance, ScpConfig, SpoolSink};
 use cosilo_bridge::scu::{self, PeerAe};
 use dicom::encoding::TransferSyntaxIndex;
 use dicom::transfer_syntax::TransferSyntaxRegistry;
@@ -392,5 +393,183 @@ fn stop_lets_a_running_association_finish() -> Result<()> {
     assert!(scu::echo(&PeerAe::new("COSILO", &addr.to_string(), "TESTSCU")).is_err());
     let files: Vec<PathBuf> = scp.files();
     assert_eq!(files.len(), 1);
+    Ok(())
+}
+
+const CRASH_STUDY: &str = "1.2.826.0.1.3680043.8.498.7";
+const CRASH_SERIES: &str = "1.2.826.0.1.3680043.8.498.7.1";
+const CRASH_INSTANCES: usize = 12;
+
+/// The child half of `acknowledged_instances_survive_sigkill_before_the_checkpoint`: a no-op
+/// unless the parent sets `COSILO_JOURNAL_CHILD`. Accepts the instances with a flusher that never
+/// runs, keeps a copy of each acknowledged file outside the spool, then SIGKILLs itself.
+#[test]
+fn journal_crash_child() -> Result<()> {
+    let Ok(dir) = std::env::var("COSILO_JOURNAL_CHILD") else {
+        return Ok(());
+    };
+    let dir = PathBuf::from(dir);
+    let acked = dir.join("acked");
+    std::fs::create_dir_all(&acked)?;
+    let sink = SpoolSink::with_journal(
+        dir.join("spool"),
+        0,
+        JournalConfig {
+            checkpoint_after: Duration::from_secs(3600),
+            ..JournalConfig::default()
+        },
+    )?;
+    let spec = ct_spec(CRASH_STUDY, CRASH_SERIES, CRASH_INSTANCES);
+    for i in 0..CRASH_INSTANCES {
+        let sop = format!("{CRASH_SERIES}.{}", i + 1);
+        let inst = ReceivedInstance {
+            calling_ae: "CRASHER".into(),
+            sop_class_uid: CT.into(),
+            sop_instance_uid: sop.clone(),
+            transfer_syntax: EXPLICIT_LE.into(),
+            dataset: slice_dataset(&spec, i),
+        };
+        assert_eq!(sink.accept(inst)?, Accepted::Stored);
+        std::fs::copy(
+            sink.path_for(CRASH_STUDY, CRASH_SERIES, &sop),
+            acked.join(format!("{sop}.dcm")),
+        )?;
+    }
+    // SAFETY: kill(2) on our own pid; the point is to die without running any destructor.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    unreachable!("SIGKILL did not stop the process");
+}
+
+#[test]
+fn acknowledged_instances_survive_sigkill_before_the_checkpoint() -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir()?;
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", "journal_crash_child", "--nocapture"])
+        .env("COSILO_JOURNAL_CHILD", dir.path())
+        .output()?;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "child did not die by SIGKILL: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spool = dir.path().join("spool");
+    let mut acked: Vec<PathBuf> = std::fs::read_dir(dir.path().join("acked"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    acked.sort();
+    assert_eq!(acked.len(), CRASH_INSTANCES);
+    let series_dir = spool.join(CRASH_STUDY).join(CRASH_SERIES);
+    let spooled = |a: &PathBuf| series_dir.join(a.file_name().unwrap_or_default());
+
+    // The flusher never ran: all records are still in one segment.
+    let segments: Vec<PathBuf> = std::fs::read_dir(spool.join(journal::JOURNAL_DIR))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    let scans: Vec<_> = segments
+        .iter()
+        .map(|p| journal::scan_segment(p).map(|s| (p.clone(), s)))
+        .collect::<Result<_, _>>()?;
+    let (seg_path, scan) = scans
+        .iter()
+        .find(|(_, s)| !s.records.is_empty())
+        .context("no segment holds records")?;
+    assert_eq!(scan.records.len(), CRASH_INSTANCES);
+
+    // Lose what only the page cache held: remove the spool files, leave one cut in half.
+    for (i, a) in acked.iter().enumerate() {
+        let p = spooled(a);
+        if i == 0 {
+            let len = std::fs::metadata(&p)?.len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)?
+                .set_len(len / 2)?;
+        } else {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    // And a torn last record: an append that was cut off (never acknowledged).
+    let torn_rel = format!("{CRASH_STUDY}/{CRASH_SERIES}/9.9.9.dcm");
+    let generation = scan.generation.context("segment header")?;
+    let torn = journal::encode_record(generation, &torn_rel, &[0x42; 20_000]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(seg_path)?
+        .write_all_at(&torn[..10_000], scan.tail)?;
+
+    let sink = SpoolSink::new(&spool, 0)?;
+    assert_eq!(sink.replayed(), CRASH_INSTANCES);
+    for a in &acked {
+        let p = spooled(a);
+        assert_eq!(
+            std::fs::read(&p)?,
+            std::fs::read(a)?,
+            "{} differs from what was acknowledged",
+            p.display()
+        );
+        assert_eq!(pixel_bytes(&p)?, pixel_bytes(a)?);
+    }
+    assert!(
+        !spool.join(&torn_rel).exists(),
+        "the torn record was replayed"
+    );
+    // Replayed once: a second opening finds a clean journal.
+    drop(sink);
+    assert_eq!(SpoolSink::new(&spool, 0)?.replayed(), 0);
+    Ok(())
+}
+
+#[test]
+fn journal_is_checkpointed_in_the_background_and_files_match() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sink = SpoolSink::with_journal(
+        dir.path(),
+        0,
+        JournalConfig {
+            checkpoint_after: Duration::from_millis(20),
+            ..JournalConfig::default()
+        },
+    )?;
+    let spec = ct_spec(CRASH_STUDY, CRASH_SERIES, 3);
+    for i in 0..3 {
+        let inst = ReceivedInstance {
+            calling_ae: "T".into(),
+            sop_class_uid: CT.into(),
+            sop_instance_uid: format!("{CRASH_SERIES}.{}", i + 1),
+            transfer_syntax: EXPLICIT_LE.into(),
+            dataset: slice_dataset(&spec, i),
+        };
+        assert_eq!(sink.accept(inst)?, Accepted::Stored);
+    }
+    let journal_dir = dir.path().join(journal::JOURNAL_DIR);
+    let records = || -> Result<usize> {
+        let mut n = 0;
+        for e in std::fs::read_dir(&journal_dir)? {
+            n += journal::scan_segment(&e?.path())?.records.len();
+        }
+        Ok(n)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while records()? > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flusher did not checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for i in 0..3 {
+        let p = sink.path_for(
+            CRASH_STUDY,
+            CRASH_SERIES,
+            &format!("{CRASH_SERIES}.{}", i + 1),
+        );
+        assert_eq!(sop_uid(&p)?, format!("{CRASH_SERIES}.{}", i + 1));
+    }
     Ok(())
 }

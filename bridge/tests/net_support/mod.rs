@@ -194,13 +194,16 @@ impl TestScp {
         format!("127.0.0.1:{}", self.port())
     }
 
-    /// Every file under the spool (including any temp file).
+    /// Every file under the spool (including any temp file), except the journal's segments.
     pub fn files(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         let mut stack = vec![self.spool.path().to_path_buf()];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
                 let p = e.path();
+                if p.is_dir() && p.ends_with(cosilo_bridge::journal::JOURNAL_DIR) {
+                    continue;
+                }
                 if p.is_dir() {
                     stack.push(p);
                 } else {
