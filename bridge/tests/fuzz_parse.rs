@@ -1,28 +1,98 @@
-//! Mutation fuzzing of the path bytes take from the network: the DIMSE command-set decoder, data
-//! set parsing of P-DATA payloads in each transfer syntax (what the SCP does with
-//! `InMemDicomObject::read_dataset_with_ts`), and de-identification of whatever parses.
+//! Mutation fuzzing of the path bytes take from the network: the DIMSE command-set decoder, and
+//! for data sets what the SCP does with a P-DATA payload in each transfer syntax: the length guard
+//! (`guard::check_dataset_lengths`), then `InMemDicomObject::read_dataset_with_ts`, then
+//! de-identification of whatever parses.
 //!
 //! A seeded loop (xorshift; the seed is printed and fixed, so a failure reproduces) applies bit
 //! flips, truncations, length-field corruption, insertions and deletions to real sample data and
-//! asserts that nothing panics. The process runs under an address-space cap (RLIMIT_AS), so a
-//! corrupted length that makes a parser allocate without bound aborts the test instead of
-//! passing. Findings are recorded in bridge/FUZZING.md.
+//! asserts that nothing panics. The data-set loop runs in a child process (this test binary
+//! re-executed with `COSILO_FUZZ_CHILD=1`) under an address-space cap (RLIMIT_AS, 1 GiB), so a
+//! corrupted length that makes a parser allocate without bound aborts the child and fails the
+//! test instead of killing the harness; a counting allocator also bounds each case's peak heap.
+//! Findings are recorded in bridge/FUZZING.md.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use cosilo_bridge::deid::{DatePolicy, Deidentifier};
 use cosilo_bridge::dimse::{self, CEchoRq};
+use cosilo_bridge::guard::{check_dataset_lengths, GuardError};
 use dicom::object::{open_file, InMemDicomObject};
 use dicom::transfer_syntax::TransferSyntaxIndex;
 use dicom::transfer_syntax::TransferSyntaxRegistry;
 
 /// Cases per seed input for the data set parser (COSILO_FUZZ_CASES overrides).
-const CASES_PER_INPUT: usize = 300;
-/// The address-space cap: far above what the samples need, far below "unbounded".
-const ADDRESS_SPACE_CAP: u64 = 6 << 30;
+const CASES_PER_INPUT: usize = 600;
+/// The address-space cap: far above what the samples need, far below the ~4 GiB a corrupted
+/// length made dicom-parser 0.10.1 allocate.
+const ADDRESS_SPACE_CAP: u64 = 1 << 30;
+/// Set in the child process that runs the data-set loop.
+const CHILD_ENV: &str = "COSILO_FUZZ_CHILD";
+
+/// Counts live heap bytes and their peak, so each case's allocation can be bounded.
+struct CountingAlloc;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts sizes.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                let grow = new_size - layout.size();
+                let now = LIVE.fetch_add(grow, Ordering::Relaxed) + grow;
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+/// Resets the peak to the current live bytes and returns that baseline.
+fn reset_peak() -> usize {
+    let now = LIVE.load(Ordering::Relaxed);
+    PEAK.store(now, Ordering::Relaxed);
+    now
+}
+
+/// Length-field mutation kinds, as bits in what [`mutate`] returns.
+const LENGTH_32: u32 = 4;
+const LENGTH_16: u32 = 8;
 
 struct Rng(u64);
 
@@ -40,15 +110,18 @@ impl Rng {
     }
 }
 
-/// One mutation of `input`.
-fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
+/// One mutation of `input`, with the mutation kinds applied (bit `1 << kind`).
+fn mutate(rng: &mut Rng, input: &[u8]) -> (Vec<u8>, u32) {
     let mut b = input.to_vec();
+    let mut kinds = 0u32;
     let rounds = 1 + rng.below(3);
     for _ in 0..rounds {
         if b.is_empty() {
             b.push(0);
         }
-        match rng.below(6) {
+        let kind = rng.below(6);
+        kinds |= 1 << kind;
+        match kind {
             0 => {
                 // bit flips
                 for _ in 0..1 + rng.below(8) {
@@ -105,6 +178,86 @@ fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
             }
         }
     }
+    (b, kinds)
+}
+
+/// Corrupts the length field of a real element header: walks the top-level elements of an
+/// explicit VR LE / implicit VR LE encoding and overwrites one length with a large value.
+fn corrupt_a_length(rng: &mut Rng, input: &[u8], explicit: bool, big_endian: bool) -> Vec<u8> {
+    let mut b = input.to_vec();
+    let mut fields: Vec<(usize, usize)> = Vec::new(); // (offset, width)
+    let mut pos = 0usize;
+    let rd16 = |b: &[u8], p: usize| {
+        let x = [b[p], b[p + 1]];
+        if big_endian {
+            u16::from_be_bytes(x)
+        } else {
+            u16::from_le_bytes(x)
+        }
+    };
+    let rd32 = |b: &[u8], p: usize| {
+        let x = [b[p], b[p + 1], b[p + 2], b[p + 3]];
+        if big_endian {
+            u32::from_be_bytes(x)
+        } else {
+            u32::from_le_bytes(x)
+        }
+    };
+    while pos + 12 <= b.len() {
+        let short = explicit
+            && matches!(
+                &b[pos + 4..pos + 6],
+                b"AE"
+                    | b"AS"
+                    | b"AT"
+                    | b"CS"
+                    | b"DA"
+                    | b"DS"
+                    | b"DT"
+                    | b"FL"
+                    | b"FD"
+                    | b"IS"
+                    | b"LO"
+                    | b"LT"
+                    | b"PN"
+                    | b"SH"
+                    | b"SL"
+                    | b"SS"
+                    | b"ST"
+                    | b"TM"
+                    | b"UI"
+                    | b"UL"
+                    | b"US"
+            );
+        let (at, width, len, value) = if !explicit {
+            (pos + 4, 4, rd32(&b, pos + 4), pos + 8)
+        } else if short {
+            (pos + 6, 2, u32::from(rd16(&b, pos + 6)), pos + 8)
+        } else {
+            (pos + 8, 4, rd32(&b, pos + 8), pos + 12)
+        };
+        fields.push((at, width));
+        if len == u32::MAX {
+            break; // a sequence: stop at the first one (its items are covered by random hits)
+        }
+        pos = value + len as usize;
+    }
+    if fields.is_empty() {
+        return b;
+    }
+    let (at, width) = fields[rng.below(fields.len())];
+    let v: u32 = match rng.below(3) {
+        0 => 0xFFFF_FFF0,
+        1 => 0xDEAD_BEEF,
+        _ => (b.len() as u32).wrapping_add(1 + rng.below(1 << 20) as u32),
+    };
+    let bytes: Vec<u8> = match (width, big_endian) {
+        (2, false) => (v as u16 | 0x8000).to_le_bytes().to_vec(),
+        (2, true) => (v as u16 | 0x8000).to_be_bytes().to_vec(),
+        (_, false) => v.to_le_bytes().to_vec(),
+        (_, true) => v.to_be_bytes().to_vec(),
+    };
+    b[at..at + width].copy_from_slice(&bytes);
     b
 }
 
@@ -171,18 +324,78 @@ const SYNTAXES: &[&str] = &[
     "1.2.840.10008.1.2.1.99", // deflated explicit VR LE
 ];
 
-#[test]
-#[ignore = "dicom-parser 0.10.1 allocates a declared value length before reading it; a corrupted \
-            length aborts the process under the cap (bridge/FUZZING.md). Run with --ignored."]
-fn mutated_datasets_never_panic_or_allocate_without_bound() {
+/// What the child reports on its last line, parsed by the parent.
+#[derive(Debug, Default)]
+struct Summary {
+    cases: usize,
+    length_cases: usize,
+    refused: usize,
+    refused_length: usize,
+    parsed: usize,
+    deidentified: usize,
+    max_peak: usize,
+    panics: usize,
+}
+
+impl Summary {
+    fn line(&self) -> String {
+        format!(
+            "FUZZ-SUMMARY cases={} length_cases={} refused={} refused_length={} parsed={} \
+             deidentified={} max_peak={} panics={}",
+            self.cases,
+            self.length_cases,
+            self.refused,
+            self.refused_length,
+            self.parsed,
+            self.deidentified,
+            self.max_peak,
+            self.panics
+        )
+    }
+    fn parse(line: &str) -> Option<Summary> {
+        let mut s = Summary::default();
+        let at = line.find("FUZZ-SUMMARY ")?;
+        for kv in line[at + "FUZZ-SUMMARY ".len()..].trim().split(' ') {
+            let (k, v) = kv.split_once('=')?;
+            let v: usize = v.parse().ok()?;
+            match k {
+                "cases" => s.cases = v,
+                "length_cases" => s.length_cases = v,
+                "refused" => s.refused = v,
+                "refused_length" => s.refused_length = v,
+                "parsed" => s.parsed = v,
+                "deidentified" => s.deidentified = v,
+                "max_peak" => s.max_peak = v,
+                "panics" => s.panics = v,
+                _ => return None,
+            }
+        }
+        Some(s)
+    }
+}
+
+/// Heap a guarded parse plus de-identification of `n` input bytes may use at its peak: a few
+/// copies of the input plus per-element overhead, nowhere near a declared 4 GiB.
+fn peak_bound(n: usize) -> usize {
+    16 * n + (16 << 20)
+}
+
+/// The data-set loop, run in the child under the address-space cap. Returns its summary and
+/// the failures (panics, unbounded peaks) it saw.
+fn dataset_loop() -> (Summary, Vec<String>) {
     cap_address_space();
-    let start = Instant::now();
     let deid = Deidentifier::new(b"fuzzing-secret-0123456789abcdef", DatePolicy::KeepYear)
         .unwrap()
         .with_unmarked_pixels_accepted(true);
+    // COSILO_FUZZ_NO_GUARD=1 shows what the guard prevents (the child then aborts).
+    let no_guard = std::env::var_os("COSILO_FUZZ_NO_GUARD").is_some();
     let mut rng = Rng(0x5EED_C051_10F0_2026);
-    let (mut cases, mut parsed, mut deidentified) = (0usize, 0usize, 0usize);
-    let mut panics: Vec<String> = Vec::new();
+    let mut sum = Summary::default();
+    let mut failures: Vec<String> = Vec::new();
+    let per_input = std::env::var("COSILO_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CASES_PER_INPUT);
 
     for file in sample_files() {
         let obj = open_file(&file).unwrap().into_inner();
@@ -192,38 +405,63 @@ fn mutated_datasets_never_panic_or_allocate_without_bound() {
             if obj.write_dataset_with_ts(&mut seed, ts).is_err() {
                 continue; // e.g. encapsulated pixel data in a native syntax
             }
-            let per_input = std::env::var("COSILO_FUZZ_CASES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(CASES_PER_INPUT);
+            if InMemDicomObject::read_dataset_with_ts(&seed[..], ts).is_err() {
+                // dicom-rs writes encapsulated pixel data in explicit VR BE with little-endian
+                // item tags, which it cannot read back: not a valid seed.
+                eprintln!("{} in {ts_uid}: seed does not read back", file.display());
+                continue;
+            }
+            check_dataset_lengths(&seed, ts)
+                .unwrap_or_else(|e| panic!("{} in {ts_uid}: seed refused: {e}", file.display()));
+            let deflated = ts_uid.ends_with(".99");
             let t0 = Instant::now();
-            for _ in 0..per_input {
-                let bytes = mutate(&mut rng, &seed);
-                cases += 1;
-                let r = catch_unwind(AssertUnwindSafe(|| {
-                    InMemDicomObject::read_dataset_with_ts(&bytes[..], ts).ok()
-                }));
-                let Ok(parsed_obj) = r else {
-                    panics.push(format!(
-                        "parse panic: {} in {ts_uid}, {} bytes, rng state {:#x}",
-                        file.display(),
-                        bytes.len(),
-                        rng.0
-                    ));
-                    continue;
+            for case in 0..per_input {
+                let state = rng.0;
+                // Every third case (not for deflate) corrupts a real length field; the others
+                // are random mutations, which include random length corruption.
+                let (bytes, kinds) = if case % 3 == 0 && !deflated {
+                    let explicit = *ts_uid != "1.2.840.10008.1.2";
+                    let big = ts_uid.ends_with(".2.2");
+                    (corrupt_a_length(&mut rng, &seed, explicit, big), LENGTH_32)
+                } else {
+                    mutate(&mut rng, &seed)
                 };
-                let Some(o) = parsed_obj else { continue };
-                parsed += 1;
-                // De-identification of anything that parsed must not panic (our code).
-                let d = catch_unwind(AssertUnwindSafe(|| deid.deidentify(&o).is_ok()));
-                match d {
-                    Ok(true) => deidentified += 1,
-                    Ok(false) => {}
-                    Err(_) => panics.push(format!(
-                        "deid panic: {} in {ts_uid}, rng state {:#x}",
-                        file.display(),
-                        rng.0
-                    )),
+                let length_case = kinds & (LENGTH_32 | LENGTH_16) != 0;
+                sum.cases += 1;
+                sum.length_cases += usize::from(length_case);
+                let what = format!(
+                    "{} in {ts_uid}, case {case}, rng state {state:#x}, {} bytes",
+                    file.display(),
+                    bytes.len()
+                );
+                let base = reset_peak();
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    if !no_guard {
+                        check_dataset_lengths(&bytes, ts)?;
+                    }
+                    let parsed = InMemDicomObject::read_dataset_with_ts(&bytes[..], ts).ok();
+                    let deidentified = parsed.as_ref().map(|o| deid.deidentify(o).is_ok());
+                    Ok::<_, GuardError>(deidentified)
+                }));
+                let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+                sum.max_peak = sum.max_peak.max(peak);
+                if peak > peak_bound(bytes.len()) {
+                    failures.push(format!("peak heap {peak} bytes: {what}"));
+                }
+                match r {
+                    Err(_) => {
+                        sum.panics += 1;
+                        failures.push(format!("panic: {what}"));
+                    }
+                    Ok(Err(_)) => {
+                        sum.refused += 1;
+                        sum.refused_length += usize::from(length_case);
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Ok(Some(d))) => {
+                        sum.parsed += 1;
+                        sum.deidentified += usize::from(d);
+                    }
                 }
             }
             eprintln!(
@@ -233,20 +471,71 @@ fn mutated_datasets_never_panic_or_allocate_without_bound() {
             );
         }
     }
+    (sum, failures)
+}
 
-    let commands = 0;
+/// The child side of [`mutated_datasets_never_abort_panic_or_allocate_without_bound`]; a no-op
+/// unless `COSILO_FUZZ_CHILD` is set.
+#[test]
+fn dataset_fuzz_child() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let (sum, failures) = dataset_loop();
+    println!("{}", sum.line());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn mutated_datasets_never_abort_panic_or_allocate_without_bound() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    let start = Instant::now();
+    let out = Command::new(std::env::current_exe().expect("test binary path"))
+        .args([
+            "--exact",
+            "dataset_fuzz_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .output()
+        .expect("re-run the test binary");
     let secs = start.elapsed().as_secs_f64();
-    eprintln!(
-        "{cases} data sets ({parsed} parsed, {deidentified} de-identified) and {commands} command \
-         sets in {secs:.1} s; {} panics",
-        panics.len()
-    );
-    assert!(cases >= 5_000, "only {cases} cases");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
     assert!(
-        parsed > 0,
+        out.status.success(),
+        "the fuzz child failed ({}; an abort means unbounded allocation):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let sum = stdout
+        .lines()
+        .find_map(Summary::parse)
+        .unwrap_or_else(|| panic!("no summary from the child:\n{stdout}"));
+    eprintln!("{} in {secs:.1} s", sum.line());
+    assert!(sum.cases >= 10_000, "only {} cases", sum.cases);
+    assert_eq!(sum.panics, 0);
+    assert!(
+        sum.parsed > 0,
         "no mutated data set parsed: the seeds are wrong"
     );
-    assert!(panics.is_empty(), "{}", panics.join("\n"));
+    assert!(sum.deidentified > 0, "nothing reached de-identification");
+    assert!(
+        sum.length_cases >= sum.cases / 4,
+        "too few length corruptions"
+    );
+    // The targeted corruptions all declare more than the input holds (or, for 16-bit fields,
+    // at least 32 KiB): most of them must be refused.
+    assert!(
+        sum.refused_length * 2 >= sum.length_cases,
+        "only {} of {} length-corrupted cases refused",
+        sum.refused_length,
+        sum.length_cases
+    );
+    assert!(secs < 60.0, "the loop took {secs:.1} s");
 }
 
 #[test]
@@ -266,7 +555,7 @@ fn mutated_command_sets_never_panic() {
     for seed in &seeds {
         assert!(dimse::Command::decode(seed).is_ok());
         for _ in 0..5_000 {
-            let bytes = mutate(&mut rng, seed);
+            let (bytes, _) = mutate(&mut rng, seed);
             commands += 1;
             if catch_unwind(|| {
                 let _ = dimse::Command::decode(&bytes);
