@@ -130,6 +130,21 @@ pub struct FederationSection {
     pub patience: u64,
     pub weight_format: WeightFormat,
     pub replay_window_s: u64,
+    /// Personalisation: after the federated rounds, optimiser steps of fine-tuning the final
+    /// (consensus) model on this site's own cases (FedAvg + fine-tuning). The result is kept as
+    /// the run `<session run>-personalised` and never leaves the site; 0 = off. The learning-rate
+    /// schedule spans `rounds × steps_per_round + personalise_steps`, so a local-only run with the
+    /// same setting trains exactly as many steps in all. Absent from a file: 0.
+    #[serde(default)]
+    pub personalise_steps: usize,
+    /// Evaluate the held-out cases after every `eval_every`-th round (1 = every round; 0 = only
+    /// before training and at the end). The final model is always scored. Absent from a file: 1.
+    #[serde(default = "one")]
+    pub eval_every: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// `[broker]`.
@@ -336,6 +351,14 @@ impl SiteConfig {
     }
 
     /// The hospital filter, if any.
+    /// The optimiser steps a run takes in all, which the learning-rate schedule spans: the
+    /// rounds plus the personalisation phase.
+    pub fn schedule_steps(&self) -> usize {
+        (self.federation.rounds as usize)
+            .saturating_mul(self.federation.steps_per_round)
+            .saturating_add(self.federation.personalise_steps)
+    }
+
     pub fn hospital(&self) -> Option<&str> {
         (!self.site.hospital.is_empty()).then_some(self.site.hospital.as_str())
     }
@@ -356,6 +379,36 @@ mod tests {
         let t = cfg.train_config().unwrap();
         assert_eq!(t.epochs as u64, cfg.federation.rounds);
         assert_eq!(t.steps_per_epoch, cfg.federation.steps_per_round);
+    }
+
+    #[test]
+    fn personalisation_and_evaluation_settings_default_and_parse() {
+        let cfg = SiteConfig::default();
+        assert_eq!(
+            cfg.federation.personalise_steps,
+            2 * cfg.federation.steps_per_round
+        );
+        assert_eq!(cfg.federation.eval_every, 1);
+        assert_eq!(
+            cfg.schedule_steps(),
+            cfg.federation.rounds as usize * cfg.federation.steps_per_round
+                + cfg.federation.personalise_steps
+        );
+        // Files written before these settings existed: personalisation off, every round scored.
+        let old = DEFAULT_SITE_TOML
+            .lines()
+            .filter(|l| !l.starts_with("personalise_steps") && !l.starts_with("eval_every"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cfg = SiteConfig::from_toml(&old, Path::new("old.toml")).unwrap();
+        assert_eq!(cfg.federation.personalise_steps, 0);
+        assert_eq!(cfg.federation.eval_every, 1);
+        let text = DEFAULT_SITE_TOML
+            .replacen("personalise_steps = 100", "personalise_steps = 7", 1)
+            .replacen("eval_every = 1", "eval_every = 0", 1);
+        let cfg = SiteConfig::from_toml(&text, Path::new("t")).unwrap();
+        assert_eq!(cfg.federation.personalise_steps, 7);
+        assert_eq!(cfg.federation.eval_every, 0);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! A [`Session`] keeps one AdamW optimiser for its whole life. The learning rate follows the run's
 //! schedule by the session's global step (rounds × steps per round stand for epochs × steps per
-//! epoch), and batches derive from `(seed, global step)` exactly as in the local trainer. When a
+//! epoch; [`Session::set_schedule_steps`] lengthens it for a personalisation phase), and batches derive from `(seed, global step)` exactly as in the local trainer. When a
 //! strategy installs a merged model with [`Session::set_weights`], the AdamW moments are **kept**:
 //! they describe the local loss surface of this site's data, which averaging does not change, and
 //! keeping them is what FedAvg with local adaptive optimisers (e.g. "FedAvg with local Adam" in
@@ -118,6 +118,19 @@ impl Session {
         })
     }
 
+    /// Sets the number of steps the learning-rate schedule spans (by default `cfg.epochs ×
+    /// cfg.steps_per_epoch`). Federation sets it to the rounds plus the personalisation steps so
+    /// that fine-tuning continues the same schedule instead of running at its floor. Not saved:
+    /// set it before [`Session::restore`] the same way on every start.
+    pub fn set_schedule_steps(&mut self, total: usize) {
+        self.total_steps = total.max(1);
+    }
+
+    /// The number of steps the learning-rate schedule spans.
+    pub fn schedule_steps(&self) -> usize {
+        self.total_steps
+    }
+
     /// The training configuration.
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
@@ -173,8 +186,7 @@ impl Session {
                 order = epoch_order(&self.cfg, self.set.len(), epoch);
                 order_epoch = epoch;
             }
-            self.opt
-                .set_lr(lr_at(&self.cfg, global, self.total_steps.max(1)));
+            self.opt.set_lr(lr_at(&self.cfg, global, self.total_steps));
             let batch = pick_batch(&self.cfg, &self.set, &order, global, in_epoch);
             let loss = train_step(
                 &self.cfg,
@@ -363,6 +375,7 @@ mod tests {
         let data: Vec<_> = (0..2).map(toy_volume).collect();
         let never = AtomicBool::new(false);
         let mut s = Session::new(&cfg, &data, &Device::Cpu).unwrap();
+        assert_eq!(s.schedule_steps(), 12);
         let mut seen = 0;
         for n in [5, 3, 4] {
             let r = s.steps(n, &mut |_| seen += 1, &never).unwrap();
@@ -392,6 +405,29 @@ mod tests {
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
         assert!(diff < 1e-5, "session and trainer differ by {diff}");
+
+        // A longer schedule (room for personalisation steps) keeps the learning rate higher, so
+        // the same 12 steps land elsewhere; they match a local run whose schedule is as long.
+        let mut longer = Session::new(&cfg, &data, &Device::Cpu).unwrap();
+        longer.set_schedule_steps(16);
+        longer.steps(12, &mut |_| {}, &never).unwrap();
+        let c = longer.weights().unwrap();
+        let moved = a
+            .data
+            .iter()
+            .zip(&c.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            moved > 1e-4,
+            "the schedule length changed nothing ({moved})"
+        );
+        let mut cfg16 = cfg.clone();
+        cfg16.epochs = 4;
+        let mut by_epochs = Session::new(&cfg16, &data, &Device::Cpu).unwrap();
+        assert_eq!(by_epochs.schedule_steps(), 16);
+        by_epochs.steps(12, &mut |_| {}, &never).unwrap();
+        assert_eq!(by_epochs.weights().unwrap().data, c.data);
     }
 
     #[test]
