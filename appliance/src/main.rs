@@ -323,9 +323,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cache,
                 rounds: args.rounds,
                 steps_per_round: args.steps_per_round,
-                personalise_steps: args
-                    .personalise_steps
-                    .unwrap_or(2 * args.steps_per_round),
+                personalise_steps: args.personalise_steps.unwrap_or(2 * args.steps_per_round),
                 eval_every: args.eval_every,
                 strategy: args.strategy,
                 cosilo: std::env::current_exe()?,
@@ -754,7 +752,10 @@ fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
     {
         let shutdown = shutdown.clone();
         std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async {

@@ -606,7 +606,10 @@ impl Conversation<'_> {
         };
         // dicom-rs allocates declared lengths before reading them: refuse impossible ones first.
         if let Err(e) = crate::guard::check_dataset_lengths(&data, ts) {
-            let why = format!("data set refused by the length guard ({} bytes): {e}", data.len());
+            let why = format!(
+                "data set refused by the length guard ({} bytes): {e}",
+                data.len()
+            );
             return fail(Status::CANNOT_UNDERSTAND, why);
         }
         let dataset = match InMemDicomObject::read_dataset_with_ts(&data[..], ts) {
