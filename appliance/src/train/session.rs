@@ -301,22 +301,9 @@ impl Session {
 mod tests {
     use super::*;
     use crate::rng::Rng;
+    use crate::train::trainer::tests::MemorySink;
     use crate::train::{Augment, UNetConfig};
     use cosilo_sdk::volume::{Geometry, Volume};
-    use std::cell::RefCell;
-
-    #[derive(Default)]
-    struct MemorySink(RefCell<Vec<(serde_json::Value, Vec<u8>)>>);
-
-    impl CheckpointSink for MemorySink {
-        fn save(&self, _run: &str, meta: &serde_json::Value, bytes: &[u8]) -> Result<u64, String> {
-            self.0.borrow_mut().push((meta.clone(), bytes.to_vec()));
-            Ok(self.0.borrow().len() as u64)
-        }
-        fn latest(&self, _run: &str) -> Result<Option<(serde_json::Value, Vec<u8>)>, String> {
-            Ok(self.0.borrow().last().cloned())
-        }
-    }
 
     fn toy_volume(seed: u64) -> LabelledVolume {
         let mut rng = Rng::new(seed);

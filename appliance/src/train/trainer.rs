@@ -417,7 +417,7 @@ pub fn train(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::train::{Augment, UNetConfig};
     use cosilo_sdk::volume::{Geometry, Volume};
