@@ -42,14 +42,35 @@ const RUN_LIMIT: Duration = Duration::from_secs(240);
 /// Checks a finished site: finished, every round logged once in order, a finite model that moved
 /// away from its initialisation. Returns its summary and final checkpoint.
 fn finished_site(fed: &Federation, site: &str) -> Result<(RunSummary, SiteCheckpoint)> {
+    finished_site_with(fed, site, false)
+}
+
+/// As [`finished_site`]; with `restarted`, a round the site trained and announced but had not yet
+/// checkpointed when it was killed may be missing from its record (it resumes after the version
+/// it announced and never reuses a version number), but the rounds still rise and end at the last.
+fn finished_site_with(
+    fed: &Federation,
+    site: &str,
+    restarted: bool,
+) -> Result<(RunSummary, SiteCheckpoint)> {
     let s = fed.summary(site)?;
     ensure!(s.finished, "{site} did not finish: {s:?}");
     let rounds: Vec<u64> = s.rounds.iter().map(|r| r.round).collect();
     let want: Vec<u64> = (0..fed.spec().rounds).collect();
-    ensure!(
-        rounds == want,
-        "{site} logged rounds {rounds:?}, want {want:?}"
-    );
+    if restarted {
+        ensure!(
+            rounds.windows(2).all(|w| w[0] < w[1])
+                && rounds.first() == Some(&0)
+                && rounds.last() == want.last()
+                && rounds.len() + 1 >= want.len(),
+            "{site} logged rounds {rounds:?}, want {want:?} with at most one lost to the kill"
+        );
+    } else {
+        ensure!(
+            rounds == want,
+            "{site} logged rounds {rounds:?}, want {want:?}"
+        );
+    }
     let ck = fed.checkpoint(site)?;
     ensure!(
         ck.all_finite(),
@@ -139,11 +160,15 @@ fn killed_peer_resumes_from_its_store_and_rejoins() -> Result<()> {
         "the restarted h2 did not resume:\n{log}"
     );
     let after = round_lines(&log);
+    // It continues after its checkpoint, or, when it had already announced the next version before
+    // it died, after that one (a version number is never reused with other weights).
+    let first = after.first().copied().unwrap_or(0);
+    let announced_jump = log.contains("announced before a restart");
     ensure!(
-        after.first() == Some(&(saved_version + 1)),
+        first == saved_version + 1 || (announced_jump && first == saved_version + 2),
         "restarted h2 continued at rounds {after:?}, its checkpoint was at version {saved_version}"
     );
-    let (_, h2) = finished_site(&fed, "h2")?;
+    let (_, h2) = finished_site_with(&fed, "h2", true)?;
     ensure!(h2.strategy_state()["version"].as_u64() == Some(rounds));
     for peer in ["h1", "h3"] {
         let (_, ck) = finished_site(&fed, peer)?;

@@ -7,9 +7,17 @@
 //! decoded and refused when malformed: a refusal is logged with its reason and never reaches a
 //! model), presence and control messages, and a clock tick. It carries out the strategy's
 //! actions: train, install a model, publish (chunked to the broker's packet size), pass the
-//! token, pull. At the end of each round it evaluates the held-out cases, logs one line (loss,
-//! Dice, bytes sent and received), publishes aggregate metrics (never patient identifiers) and
-//! checkpoints the session with the strategy's state and the replay guards.
+//! token, pull. At the end of each round it logs one line (loss, Dice, bytes sent and received),
+//! evaluates the held-out cases every `eval_every`-th round (publishing aggregate metrics, never
+//! patient identifiers) and checkpoints the session with the strategy's state and the replay
+//! guards. The final model is always scored.
+//!
+//! Personalisation (`personalise_steps` > 0): once the strategy has finished and its final
+//! (shared) model is scored and checkpointed, the site fine-tunes that model on its own cases for
+//! `personalise_steps` more steps, scores it, and saves it as the run [`personalised_run`]. The
+//! personalised model is never published; the session run keeps the shared model. The
+//! learning-rate schedule spans both phases ([`SiteConfig::schedule_steps`]), so a local-only run
+//! with the same settings trains exactly as many steps on the same schedule.
 //!
 //! Shutdown (the `shutdown` future: SIGTERM or ctrl-c in the binary) stops training after the
 //! step in progress, checkpoints, flushes the store, publishes a `Leaving` presence and
@@ -33,8 +41,8 @@ use super::link::{self, Link, LinkConfig, LinkError, LinkEvent, TlsConfig};
 use super::strategy::{self, Action, Context, Input, PeerModel, PeerStatus, Purpose, Strategy};
 use super::weights::{FlatWeights, Layout, WeightFormat, WeightsError};
 use super::wire::{
-    self, topics, Body, Control, Envelope, Metrics, Presence, Reassembler, ReassemblyLimits,
-    ReplayGuard, SiteStatus, UpdateMeta, UpdatePurpose, WireError,
+    self, topics, Admission, Body, Control, Envelope, Metrics, Presence, Reassembler,
+    ReassemblyLimits, ReplayGuard, SiteStatus, UpdateMeta, UpdatePurpose, WireError,
 };
 use crate::config::{ConfigError, SiteConfig, StrategyKind};
 use crate::local::{load_volumes, LocalError};
@@ -109,6 +117,14 @@ pub struct RunSummary {
     /// Held-out Dice of the final model.
     pub final_dice: Vec<Option<f64>>,
     pub final_tissue_mean: Option<f64>,
+    /// Personalisation steps taken after the final model (0: none).
+    #[serde(default)]
+    pub personalise_steps: usize,
+    /// Held-out Dice of the personalised model (empty without personalisation).
+    #[serde(default)]
+    pub personalised_dice: Vec<Option<f64>>,
+    #[serde(default)]
+    pub personalised_tissue_mean: Option<f64>,
     pub training_cases: u64,
     pub test_cases: usize,
     pub bytes_sent: u64,
@@ -127,6 +143,11 @@ pub fn session_run(cfg: &SiteConfig) -> String {
     )
 }
 
+/// The run name of a site's personalised model (the shared model fine-tuned on its own cases).
+pub fn personalised_run(cfg: &SiteConfig) -> String {
+    format!("{}-personalised", session_run(cfg))
+}
+
 /// What the daemon saves with the session checkpoint besides the strategy's state.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct DaemonState {
@@ -142,10 +163,15 @@ struct DaemonState {
 // ------------------------------------------------------------------------------- trainer thread
 
 enum Cmd {
-    Train { steps: usize, evaluate: bool },
+    Train {
+        steps: usize,
+        evaluate: bool,
+    },
     SetWeights(Vec<f32>),
     Evaluate,
     Save(serde_json::Value),
+    /// Saves the session as the personalised run.
+    SavePersonalised(serde_json::Value),
     Quit,
 }
 
@@ -179,11 +205,14 @@ fn tissue_mean(dice: &[Option<f64>]) -> Option<f64> {
 }
 
 /// The trainer thread: owns the store and the session.
+#[allow(clippy::too_many_arguments)]
 fn trainer(
     store: Store,
     cfg: TrainConfig,
+    schedule_steps: usize,
     hospital: Option<String>,
     run: String,
+    personal_run: String,
     commands: std::sync::mpsc::Receiver<Cmd>,
     replies: mpsc::UnboundedSender<Reply>,
     stop: Arc<AtomicBool>,
@@ -201,6 +230,7 @@ fn trainer(
             Err(e) => return Err(DaemonError::Cases(e)),
         };
         let mut session = Session::new(&cfg, &train, &device).map_err(DaemonError::Train)?;
+        session.set_schedule_steps(schedule_steps);
         let saved = session.restore(&store, &run).map_err(DaemonError::Train)?;
         Ok((session, test, saved))
     };
@@ -290,18 +320,25 @@ fn trainer(
                 Ok(s) => Reply::Evaluated(s),
                 Err(e) => Reply::Failed(DaemonError::Train(e)),
             },
-            Cmd::Save(state) => match session
-                .save(&store, &run, &state)
-                .map_err(DaemonError::Train)
-                .and_then(|_| {
-                    store.flush().map_err(|source| DaemonError::Store {
-                        path: store.dir().to_path_buf(),
-                        source,
-                    })
-                }) {
-                Ok(()) => Reply::Saved,
-                Err(e) => Reply::Failed(e),
-            },
+            cmd @ (Cmd::Save(_) | Cmd::SavePersonalised(_)) => {
+                let (run, state) = match cmd {
+                    Cmd::SavePersonalised(state) => (personal_run.as_str(), state),
+                    Cmd::Save(state) => (run.as_str(), state),
+                    _ => continue,
+                };
+                match session
+                    .save(&store, run, &state)
+                    .map_err(DaemonError::Train)
+                    .and_then(|_| {
+                        store.flush().map_err(|source| DaemonError::Store {
+                            path: store.dir().to_path_buf(),
+                            source,
+                        })
+                    }) {
+                    Ok(()) => Reply::Saved,
+                    Err(e) => Reply::Failed(e),
+                }
+            }
             Cmd::Quit => return,
         };
         if !send(reply) {
@@ -344,6 +381,36 @@ fn peer_status(s: SiteStatus) -> PeerStatus {
     }
 }
 
+/// What an evaluation (or a round that skips it) was asked for, in order.
+#[derive(Debug)]
+enum Pending {
+    /// A round ended; `scored`: its evaluation was asked for (else it is logged without Dice).
+    Round {
+        round: u64,
+        contributors: Vec<String>,
+        loss: Option<f64>,
+        scored: bool,
+    },
+    /// The strategy's final model.
+    Final,
+    /// The personalised model.
+    Personalised,
+}
+
+/// Where a site is in the personalisation phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Personalisation {
+    /// Not configured.
+    Off,
+    /// Starts once the final model is scored and saved.
+    Waiting,
+    /// Fine-tuning on the site's own cases.
+    Training,
+    /// Scoring and saving the personalised model.
+    Scoring,
+    Done,
+}
+
 /// The state of a running site.
 struct Site {
     cfg: SiteConfig,
@@ -369,13 +436,28 @@ struct Site {
     refused: u64,
     rounds: Vec<RoundLog>,
     initial_dice: Vec<Option<f64>>,
-    /// Rounds waiting for their evaluation: (round, contributors, loss).
-    pending_eval: std::collections::VecDeque<(u64, Vec<String>, Option<f64>)>,
+    /// Evaluations asked for and rounds waiting behind them.
+    pending_eval: std::collections::VecDeque<Pending>,
     last_loss: Option<f64>,
     round_started: Instant,
     round_bytes: (u64, u64),
     final_dice: Vec<Option<f64>>,
+    personalisation: Personalisation,
+    personalised_dice: Vec<Option<f64>>,
+    /// A `Train` the strategy asked for while a round still waits for its evaluation and
+    /// checkpoint: sent after that checkpoint's `Save`, so that the checkpoint holds the round's
+    /// own weights, not the next round's (regression: a restarted site trained a round twice).
+    held_train: Option<usize>,
+    /// Own messages with a seq at most this are from an earlier run of this site (retained or
+    /// still queued at the broker): the persisted seq, or the clock floor at start if higher.
+    own_seq_floor: u64,
+    /// The seqs this run sent (the newest [`SENT_SEQS_KEPT`]), to recognise its own messages
+    /// when the broker hands them back.
+    sent_seqs: std::collections::BTreeSet<u64>,
 }
+
+/// How many of its own sent seqs a site remembers.
+const SENT_SEQS_KEPT: usize = 65_536;
 
 impl Site {
     fn next_seq(&mut self) -> u64 {
@@ -388,6 +470,10 @@ impl Site {
 
     async fn send(&mut self, topic: &str, body: Body, retain: bool) -> Result<(), DaemonError> {
         let seq = self.next_seq();
+        self.sent_seqs.insert(seq);
+        if self.sent_seqs.len() > SENT_SEQS_KEPT {
+            self.sent_seqs.pop_first();
+        }
         let env = Envelope::new(&self.me, seq, now_ms(), body);
         let bytes = wire::seal(&env, &self.keys)?;
         self.bytes_sent += bytes.len() as u64;
@@ -498,15 +584,26 @@ impl Site {
         self.commands.send(c).map_err(|_| DaemonError::TrainerGone)
     }
 
+    /// Asks the trainer for `steps` more steps (after any command queued before).
+    async fn train(&mut self, steps: usize) -> Result<(), DaemonError> {
+        let evaluate = self.cfg.federation.strategy == StrategyKind::Iil;
+        self.command(Cmd::Train { steps, evaluate })?;
+        if self.status != SiteStatus::Training {
+            self.presence(SiteStatus::Training).await?;
+        }
+        Ok(())
+    }
+
     /// Carries out a strategy's actions in order.
     async fn apply(&mut self, actions: Vec<Action>) -> Result<(), DaemonError> {
         for a in actions {
             match a {
                 Action::Train { steps } => {
-                    let evaluate = self.cfg.federation.strategy == StrategyKind::Iil;
-                    self.command(Cmd::Train { steps, evaluate })?;
-                    if self.status != SiteStatus::Training {
-                        self.presence(SiteStatus::Training).await?;
+                    if self.pending_eval.is_empty() {
+                        self.train(steps).await?;
+                    } else {
+                        // Sent once the rounds waiting for their evaluation are checkpointed.
+                        self.held_train = Some(steps);
                     }
                 }
                 Action::SetModel(w) => self.command(Cmd::SetWeights(w))?,
@@ -549,15 +646,29 @@ impl Site {
                     round,
                     contributors,
                 } => {
-                    self.pending_eval
-                        .push_back((round, contributors, self.last_loss.take()));
-                    self.command(Cmd::Evaluate)?;
+                    let every = self.cfg.federation.eval_every;
+                    let scored = every > 0 && (round + 1) % every == 0;
+                    let entry = Pending::Round {
+                        round,
+                        contributors,
+                        loss: self.last_loss.take(),
+                        scored,
+                    };
+                    if scored {
+                        self.command(Cmd::Evaluate)?;
+                        self.pending_eval.push_back(entry);
+                    } else if self.pending_eval.is_empty() {
+                        self.round_done(entry, Vec::new(), 0).await?;
+                    } else {
+                        // Logged in order, after the evaluation in flight.
+                        self.pending_eval.push_back(entry);
+                    }
                 }
                 Action::Note(n) => info!("{n}"),
                 Action::Finished => {
                     info!("strategy finished");
                     self.command(Cmd::Evaluate)?;
-                    self.pending_eval.push_back((u64::MAX, Vec::new(), None));
+                    self.pending_eval.push_back(Pending::Final);
                 }
             }
         }
@@ -572,17 +683,64 @@ impl Site {
         } else {
             mean_per_class(&scores, classes)
         };
-        let Some((round, contributors, loss)) = self.pending_eval.pop_front() else {
+        let Some(entry) = self.pending_eval.pop_front() else {
             // The initial evaluation.
             self.initial_dice = dice;
             info!(tissue_dice = ?tissue_mean(&self.initial_dice), "initial model scored");
             return Ok(());
         };
-        if round == u64::MAX {
-            self.final_dice = dice;
-            self.command(Cmd::Save(self.state()))?;
-            return Ok(());
+        match entry {
+            Pending::Final => {
+                info!(tissue_dice = ?tissue_mean(&dice), "final model scored");
+                self.final_dice = dice;
+                self.command(Cmd::Save(self.state()))?;
+            }
+            Pending::Personalised => {
+                info!(
+                    steps = self.cfg.federation.personalise_steps,
+                    tissue_dice = ?tissue_mean(&dice),
+                    dice = ?dice,
+                    "personalised model scored"
+                );
+                self.personalised_dice = dice;
+                self.command(Cmd::SavePersonalised(self.state()))?;
+            }
+            round @ Pending::Round { .. } => {
+                self.round_done(round, dice, scores.len() as u32).await?;
+            }
         }
+        // Rounds that skipped their evaluation and waited behind this one.
+        while let Some(Pending::Round { scored: false, .. }) = self.pending_eval.front() {
+            if let Some(entry) = self.pending_eval.pop_front() {
+                self.round_done(entry, Vec::new(), 0).await?;
+            }
+        }
+        // The next round trains only now, behind the checkpoint's Save.
+        if self.pending_eval.is_empty() {
+            if let Some(steps) = self.held_train.take() {
+                self.train(steps).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A round is over (scored on `cases` held-out cases, or not scored: `dice` empty): log,
+    /// publish metrics when scored, checkpoint.
+    async fn round_done(
+        &mut self,
+        entry: Pending,
+        dice: Vec<Option<f64>>,
+        cases: u32,
+    ) -> Result<(), DaemonError> {
+        let Pending::Round {
+            round,
+            contributors,
+            loss,
+            scored,
+        } = entry
+        else {
+            return Ok(());
+        };
         let sent = self.bytes_sent - self.round_bytes.0;
         let received = self.bytes_received - self.round_bytes.1;
         self.round_bytes = (self.bytes_sent, self.bytes_received);
@@ -616,15 +774,17 @@ impl Site {
         );
         self.rounds.push(log);
         if self.link.is_some() {
-            let body = Body::Metrics(Metrics {
-                round,
-                model_version: self.strategy.model_version(),
-                dice,
-                loss,
-                cases: scores.len() as u32,
-            });
-            let topic = topics::metrics(&self.cfg.federation.name, &self.me);
-            self.send(&topic, body, true).await?;
+            if scored {
+                let body = Body::Metrics(Metrics {
+                    round,
+                    model_version: self.strategy.model_version(),
+                    dice,
+                    loss,
+                    cases,
+                });
+                let topic = topics::metrics(&self.cfg.federation.name, &self.me);
+                self.send(&topic, body, true).await?;
+            }
             self.presence(self.status).await?;
         }
         self.command(Cmd::Save(self.state()))?;
@@ -640,6 +800,43 @@ impl Site {
             .map(|(_, s)| s.iter().product::<usize>())
             .next()
             .unwrap_or(5)
+    }
+
+    /// A message signed with this site's own key. This run's own messages come back through the
+    /// federation-wide subscriptions and are dropped. One from an earlier run (its retained
+    /// announcement or presence) is dropped too, but a retained announcement first tells the
+    /// strategy the last version this site published (a restarted BrainTorrent site must not
+    /// reuse it). Anything else was signed with this site's key by someone else.
+    async fn own_message(
+        &mut self,
+        topic: &str,
+        env: Envelope,
+        retained: bool,
+    ) -> Result<(), DaemonError> {
+        if self.sent_seqs.contains(&env.seq) {
+            return Ok(());
+        }
+        if env.seq > self.own_seq_floor {
+            warn!(
+                %topic,
+                seq = env.seq,
+                kind = env.kind().name(),
+                "a message signed with this site's key that this appliance did not send: key may be compromised"
+            );
+            return Ok(());
+        }
+        debug!(%topic, seq = env.seq, retained, "own message from before this run");
+        if let Body::ModelAnnouncement(h) = env.body {
+            if h.origin == self.me {
+                let input = Input::Announced {
+                    site: h.origin,
+                    model_version: h.model_version,
+                };
+                let actions = self.strategy.handle(input, now_ms());
+                self.apply(actions).await?;
+            }
+        }
+        Ok(())
     }
 
     /// A message from the broker.
@@ -659,16 +856,23 @@ impl Site {
             }
         };
         if env.sender == self.me {
-            // Our own messages come back through the federation-wide subscriptions.
-            return Ok(());
+            return self.own_message(&topic, env, retained).await;
         }
         self.bytes_received += payload.len() as u64;
-        if let Err(e) = self.replay.accept(&env, now_ms()) {
-            if !retained {
-                self.refused += 1;
-                warn!(%topic, sender = %env.sender, reason = %e, "refused a message");
+        match self.replay.admit(&env, &payload, now_ms()) {
+            Ok(Admission::Fresh) => {}
+            Ok(Admission::Duplicate) => {
+                // A QoS 1 redelivery (after a reconnect or a broker restart), not a replay.
+                debug!(%topic, sender = %env.sender, seq = env.seq, "dropped a redelivered message");
+                return Ok(());
             }
-            return Ok(());
+            Err(e) => {
+                if !retained {
+                    self.refused += 1;
+                    warn!(%topic, sender = %env.sender, reason = %e, "refused a message");
+                }
+                return Ok(());
+            }
         }
         let now = now_ms();
         match env.body {
@@ -834,10 +1038,23 @@ async fn run_inner(
             cfg.hospital().map(str::to_string),
             train_cfg.clone(),
         );
-        let run_name = run_name.clone();
+        let (run_name, personal_run) = (run_name.clone(), personalised_run(&cfg));
+        let schedule = cfg.schedule_steps();
         std::thread::Builder::new()
             .name(format!("trainer-{me}"))
-            .spawn(move || trainer(store, tc, hospital, run_name, cmd_rx, reply_tx, stop))
+            .spawn(move || {
+                trainer(
+                    store,
+                    tc,
+                    schedule,
+                    hospital,
+                    run_name,
+                    personal_run,
+                    cmd_rx,
+                    reply_tx,
+                    stop,
+                )
+            })
             .map_err(|_| DaemonError::TrainerGone)?
     };
     let (weights, samples, test_cases, saved) = match replies.recv().await {
@@ -945,6 +1162,15 @@ async fn run_inner(
         round_started: Instant::now(),
         round_bytes: (0, 0),
         final_dice: Vec::new(),
+        personalisation: if cfg.federation.personalise_steps > 0 {
+            Personalisation::Waiting
+        } else {
+            Personalisation::Off
+        },
+        personalised_dice: Vec::new(),
+        held_train: None,
+        own_seq_floor: saved.seq.max(now_ms().saturating_mul(1000)),
+        sent_seqs: Default::default(),
         cfg,
     };
     if !resumed && test_cases > 0 {
@@ -973,7 +1199,19 @@ async fn run_inner(
                         info!("shutdown requested: finishing the step in progress");
                         shutting_down = true;
                         stop.store(true, Ordering::SeqCst);
-                        site.command(Cmd::Save(site.state()))?;
+                        site.held_train = None;
+                        if matches!(site.personalisation, Personalisation::Training | Personalisation::Scoring) {
+                            // The shared model is saved already; a half-personalised one must not
+                            // overwrite it. Personalisation runs again after a restart.
+                            break true;
+                        }
+                        if site.pending_eval.is_empty() {
+                            site.command(Cmd::Save(site.state()))?;
+                        }
+                        // Otherwise the rounds waiting for their evaluation are logged first and
+                        // the last of them saves the state with them in: a restarted site must
+                        // not lose a round it trained (regression: a SIGTERM between a round's end
+                        // and its evaluation left that round out of the log).
                     }
                     ev = async { events.as_mut()?.recv().await }, if events.is_some() => {
                         match ev {
@@ -996,6 +1234,13 @@ async fn run_inner(
                                 if stopped || shutting_down {
                                     continue;
                                 }
+                                if site.personalisation == Personalisation::Training {
+                                    info!(loss, "personalisation trained");
+                                    site.personalisation = Personalisation::Scoring;
+                                    site.pending_eval.push_back(Pending::Personalised);
+                                    site.command(Cmd::Evaluate)?;
+                                    continue;
+                                }
                                 site.last_loss = Some(loss);
                                 // Peers hold this model as the wire format decodes it; so does this
                                 // site, so that every site averages the same numbers.
@@ -1005,8 +1250,27 @@ async fn run_inner(
                             }
                             Some(Reply::Evaluated(s)) => site.evaluated(s).await?,
                             Some(Reply::Saved) => {
-                                if shutting_down || (site.strategy.finished() && site.pending_eval.is_empty()) {
-                                    break site.strategy.finished();
+                                if shutting_down {
+                                    if site.pending_eval.is_empty() {
+                                        break site.strategy.finished();
+                                    }
+                                    continue;
+                                }
+                                if site.strategy.finished() && site.pending_eval.is_empty() {
+                                    match site.personalisation {
+                                        Personalisation::Waiting => {
+                                            let steps = site.cfg.federation.personalise_steps;
+                                            info!(steps, "personalising the final model on this site's cases");
+                                            site.personalisation = Personalisation::Training;
+                                            site.command(Cmd::Train { steps, evaluate: false })?;
+                                        }
+                                        Personalisation::Training => {}
+                                        Personalisation::Scoring => {
+                                            site.personalisation = Personalisation::Done;
+                                            break true;
+                                        }
+                                        Personalisation::Off | Personalisation::Done => break true,
+                                    }
                                 }
                             }
                             Some(Reply::Failed(e)) => return Err(e),
@@ -1063,6 +1327,13 @@ async fn run_inner(
         initial_dice: site.initial_dice.clone(),
         final_tissue_mean: tissue_mean(&final_dice),
         final_dice,
+        personalise_steps: if site.personalisation == Personalisation::Done {
+            site.cfg.federation.personalise_steps
+        } else {
+            0
+        },
+        personalised_tissue_mean: tissue_mean(&site.personalised_dice),
+        personalised_dice: site.personalised_dice.clone(),
         rounds: site.rounds.clone(),
         training_cases: samples,
         test_cases,
@@ -1080,4 +1351,166 @@ async fn run_inner(
         "site stopped"
     );
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A site without a broker, driving strategy `kind` alone; its trainer commands go to the
+    /// returned receiver. (Keep in step with the `Site` built in `run_inner`.)
+    fn offline_site(eval_every: u64, kind: StrategyKind) -> (Site, std::sync::mpsc::Receiver<Cmd>) {
+        let mut cfg = SiteConfig::default();
+        cfg.federation.eval_every = eval_every;
+        cfg.federation.personalise_steps = 0;
+        let keys = SiteKeys::generate("h1").unwrap();
+        let roster = Roster::parse(
+            &format!(
+                "[federation]\nname = \"{}\"\n\n{}",
+                cfg.federation.name,
+                keys.roster_entry()
+            ),
+            "test",
+        )
+        .unwrap();
+        let ctx = Context {
+            me: "h1".into(),
+            sites: vec!["h1".into()],
+            rounds: 3,
+            steps_per_round: 7,
+            quorum: 1,
+            round_deadline_ms: 1_000,
+            update_timeout_ms: 1_000,
+            patience: 1,
+            samples: 1,
+        };
+        let strategy = strategy::build(kind, ctx, None).unwrap();
+        let (commands, rx) = std::sync::mpsc::channel();
+        let site = Site {
+            me: "h1".into(),
+            keys,
+            roster,
+            link: None,
+            strategy,
+            layout: Layout {
+                tensors: vec![("out.bias".into(), vec![5])],
+            },
+            format: WeightFormat::F32,
+            chunk_bytes: 1 << 16,
+            samples: 1,
+            seq: 0,
+            next_update_id: 1,
+            replay: ReplayGuard::new(Duration::from_secs(60)),
+            reassembler: Reassembler::new(ReassemblyLimits::default()),
+            commands,
+            last_gossip: None,
+            status: SiteStatus::Joining,
+            bytes_sent: 0,
+            bytes_received: 0,
+            refused: 0,
+            rounds: Vec::new(),
+            initial_dice: Vec::new(),
+            pending_eval: Default::default(),
+            last_loss: None,
+            round_started: Instant::now(),
+            round_bytes: (0, 0),
+            final_dice: Vec::new(),
+            personalisation: Personalisation::Off,
+            personalised_dice: Vec::new(),
+            held_train: None,
+            own_seq_floor: 0,
+            sent_seqs: Default::default(),
+            cfg,
+        };
+        (site, rx)
+    }
+
+    /// The commands queued so far, by name; a `Save` with the strategy round it checkpoints.
+    fn queued(rx: &std::sync::mpsc::Receiver<Cmd>) -> Vec<String> {
+        rx.try_iter()
+            .map(|c| match c {
+                Cmd::Train { steps, .. } => format!("train {steps}"),
+                Cmd::SetWeights(_) => "set".into(),
+                Cmd::Evaluate => "evaluate".into(),
+                Cmd::Save(v) => format!("save round {}", v["strategy"]["round"]),
+                Cmd::SavePersonalised(_) => "save personalised".into(),
+                Cmd::Quit => "quit".into(),
+            })
+            .collect()
+    }
+
+    fn trained() -> Input {
+        Input::Trained {
+            weights: vec![0.5; 5],
+            score: None,
+            loss: 0.25,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_round_is_checkpointed_before_the_next_round_trains() {
+        // Regression (issue 3, bug 1): the Save of round k's checkpoint was queued behind round
+        // k+1's Train, so the checkpoint held the next round's weights with round k's state.
+        let (mut site, rx) = offline_site(1, StrategyKind::Local);
+        let a = site.strategy.handle(Input::Start { weights: vec![] }, 0);
+        site.apply(a).await.unwrap();
+        assert_eq!(queued(&rx), ["train 7"]);
+        let a = site.strategy.handle(trained(), 1);
+        site.apply(a).await.unwrap();
+        // The next Train waits for the evaluation and the checkpoint.
+        assert_eq!(queued(&rx), ["evaluate"]);
+        site.evaluated(Vec::new()).await.unwrap();
+        assert_eq!(queued(&rx), ["save round 1", "train 7"]);
+        assert_eq!(site.rounds.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn rounds_without_evaluation_are_checkpointed_before_training_on() {
+        let (mut site, rx) = offline_site(2, StrategyKind::Local);
+        let a = site.strategy.handle(Input::Start { weights: vec![] }, 0);
+        site.apply(a).await.unwrap();
+        queued(&rx);
+        // Round 0 is not scored (every 2nd round is): logged and saved at once.
+        let a = site.strategy.handle(trained(), 1);
+        site.apply(a).await.unwrap();
+        assert_eq!(queued(&rx), ["save round 1", "train 7"]);
+        // Round 1 is scored.
+        let a = site.strategy.handle(trained(), 2);
+        site.apply(a).await.unwrap();
+        assert_eq!(queued(&rx), ["evaluate"]);
+        site.evaluated(Vec::new()).await.unwrap();
+        assert_eq!(queued(&rx), ["save round 2", "train 7"]);
+        assert_eq!(site.rounds.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn own_announcement_from_before_a_restart_reaches_the_strategy_a_forged_one_not() {
+        // Regression (issue 3, bugs 3 and 4): own messages were all dropped unseen.
+        let (mut site, _rx) = offline_site(1, StrategyKind::BrainTorrent);
+        site.own_seq_floor = 1_000;
+        let announcement = |site: &Site, seq: u64, version: u64| {
+            let meta = UpdateMeta {
+                update_id: seq,
+                origin: "h1".into(),
+                model_version: version,
+                round: version - 1,
+                samples: 1,
+                purpose: UpdatePurpose::Announce,
+                format: WeightFormat::F32,
+                layout_digest: site.layout.digest(),
+            };
+            let body = Body::ModelAnnouncement(meta.header(&[0; 20], 1 << 16));
+            wire::seal(&Envelope::new("h1", seq, now_ms(), body), &site.keys).unwrap()
+        };
+        let topic = || "cosilo/test/model/h1".to_string();
+        // Signed with this site's key, above its own seq floor, not sent by this run: dropped.
+        let forged = announcement(&site, 5_000, 7);
+        site.message(topic(), forged, true).await.unwrap();
+        assert_eq!(site.strategy.model_version(), 0);
+        // Its retained announcement from before the restart: the strategy learns the version.
+        let retained = announcement(&site, 900, 2);
+        site.message(topic(), retained, true).await.unwrap();
+        assert_eq!(site.strategy.model_version(), 2);
+        assert_eq!((site.refused, site.bytes_received), (0, 0));
+    }
 }

@@ -14,7 +14,10 @@
 //!   merges (own + every peer model newer than the version vector's entry, sample-weighted)
 //!   without waiting for anyone (Roy et al., 2019). Presence announcing a version it has not
 //!   received yields a Pull. After its last round a site waits (up to the update timeout) for
-//!   the peers' final models and merges them once more.
+//!   the peers' final models, then averages every site's final model at once (its own as
+//!   trained, sample-weighted, summed in site-id order): with every final model in, all sites
+//!   hold the same shared model. (Merging each final model as it arrived made the result depend
+//!   on arrival order and left a small site's model mostly whichever peer came last.)
 //! - [`Cyclic`] (CIIL): a token passes round the roster in site-id order; the holder trains
 //!   `steps_per_round` steps and passes model and token on; `rounds` cycles.
 //! - [`Incremental`] (IIL): each site once, in order, trains until its own held-out Dice has not
@@ -84,7 +87,8 @@ pub enum Input {
         model_version: u64,
         round: u64,
     },
-    /// A peer announced (retained) that its newest model has this version.
+    /// A peer announced (retained) that its newest model has this version; `site` is this site
+    /// when the broker hands back its own announcement from before a restart.
     Announced { site: String, model_version: u64 },
     /// Time passes (milliseconds since the Unix epoch are given with every input).
     Tick,
@@ -219,6 +223,7 @@ pub fn build(
             ctx,
             s: state(saved)?,
             own: Vec::new(),
+            trained: Vec::new(),
             latest: BTreeMap::new(),
             peers: BTreeMap::new(),
             pulled: BTreeMap::new(),
@@ -460,12 +465,29 @@ impl Strategy for FedAvg {
                 self.check(now_ms)
             }
             Input::Presence { site, status, .. } => {
+                // A peer that is (re)joining may have had no session with the broker when this
+                // site published its round update (round updates are not retained): send it
+                // again. Peers keep one update per site and round, so a copy is harmless.
+                let mut out = Vec::new();
+                if status == PeerStatus::Joining && self.ctx.is_peer(&site) {
+                    let r = self.s.round;
+                    if let Some((_, w)) = self.received.get(&r).and_then(|m| m.get(&self.ctx.me)) {
+                        out.push(Action::Publish {
+                            purpose: Purpose::Round,
+                            round: r,
+                            model_version: r + 1,
+                            weights: w.clone(),
+                            retain: false,
+                        });
+                    }
+                }
                 if status == PeerStatus::Leaving && self.ctx.is_peer(&site) {
                     self.left.insert(site);
                 } else {
                     self.left.remove(&site);
                 }
-                self.check(now_ms)
+                out.extend(self.check(now_ms));
+                out
             }
             Input::Tick | Input::Announced { .. } => self.check(now_ms),
         }
@@ -489,6 +511,9 @@ pub struct BrainTorrent {
     s: BrainTorrentState,
     /// The current model (after training and merges).
     own: Vec<f32>,
+    /// This site's model as its last training left it (before merges): its part of the final
+    /// average.
+    trained: Vec<f32>,
     /// Each peer's newest model received: (version, samples, weights).
     latest: BTreeMap<String, (u64, u64, Vec<f32>)>,
     /// Each peer's presence: (status, version, round).
@@ -556,18 +581,62 @@ impl BrainTorrent {
                         .copied()
                         .unwrap_or((PeerStatus::Joining, 0, 0));
                 let merged = self.s.seen.get(*p).copied().unwrap_or(0);
+                let have = self.latest.get(*p).map_or(0, |(v, _, _)| *v);
                 let peer_done = round >= self.ctx.rounds || status == PeerStatus::Leaving;
-                !(peer_done && merged >= version)
+                !(peer_done && merged.max(have) >= version)
             })
             .cloned()
             .collect()
+    }
+
+    /// The final average: every site's newest model (this site's as last trained), weighted by
+    /// samples and summed in site-id order, so that sites holding the same final models compute
+    /// the very same numbers.
+    fn final_merge(&mut self) -> Vec<Action> {
+        let own = if self.trained.is_empty() {
+            &self.own
+        } else {
+            &self.trained
+        };
+        if own.is_empty() {
+            return Vec::new();
+        }
+        let mut models = Vec::new();
+        let mut note = Vec::new();
+        for site in &self.ctx.sites {
+            if *site == self.ctx.me {
+                models.push((self.ctx.samples, own.as_slice()));
+            } else if let Some((v, n, w)) = self.latest.get(site) {
+                models.push((*n, w.as_slice()));
+                note.push(format!("{site} v{v}"));
+            }
+        }
+        if note.is_empty() {
+            // No peer model at all: the site's own model stands.
+            return Vec::new();
+        }
+        let Some(avg) = average(models) else {
+            return Vec::new();
+        };
+        for (site, (v, _, _)) in &self.latest {
+            self.s.seen.insert(site.clone(), *v);
+        }
+        self.own = avg.clone();
+        vec![
+            Action::Note(format!(
+                "final average of v{} with {}",
+                self.s.version,
+                note.join(", ")
+            )),
+            Action::SetModel(avg),
+        ]
     }
 
     fn check_finish(&mut self, now_ms: u64) -> Vec<Action> {
         let Some(since) = self.s.finishing_since_ms else {
             return Vec::new();
         };
-        let mut out = self.merge();
+        let mut out = Vec::new();
         let waiting = self.waiting_for();
         let timeout = now_ms >= since + self.ctx.update_timeout_ms;
         if waiting.is_empty() || timeout {
@@ -577,6 +646,7 @@ impl BrainTorrent {
                     waiting.join(", ")
                 )));
             }
+            out.extend(self.final_merge());
             self.s.done = true;
             self.s.finishing_since_ms = None;
             out.push(Action::Finished);
@@ -624,6 +694,7 @@ impl Strategy for BrainTorrent {
             Input::Trained { weights, .. } => {
                 self.s.version += 1;
                 self.own = weights.clone();
+                self.trained = weights.clone();
                 let mut out = vec![Action::Publish {
                     purpose: Purpose::Gossip,
                     round: self.s.version - 1,
@@ -687,6 +758,20 @@ impl Strategy for BrainTorrent {
                 site,
                 model_version,
             } => {
+                if site == self.ctx.me {
+                    // This site's own retained announcement, from before a restart: versions
+                    // up to it were published already (perhaps after the last checkpoint), and
+                    // peers ignore a version they hold, so never reuse one.
+                    if model_version > self.s.version {
+                        let skipped = self.s.version;
+                        self.s.version = model_version;
+                        return vec![Action::Note(format!(
+                            "resuming after v{model_version}, announced before a restart \
+                             (checkpoint at v{skipped})"
+                        ))];
+                    }
+                    return Vec::new();
+                }
                 if !self.ctx.is_peer(&site) {
                     return Vec::new();
                 }
@@ -1154,6 +1239,117 @@ mod tests {
         assert!(w.iter().all(|x| (x - 3.0).abs() < 1e-6), "{w:?}");
     }
 
+    fn published(actions: &[Action]) -> Vec<(u64, u64, Vec<f32>)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Publish {
+                    round,
+                    model_version,
+                    weights,
+                    ..
+                } => Some((*round, *model_version, weights.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fedavg_resends_its_round_update_to_a_joining_peer() {
+        // Regression (issue 3, bug 5): a round update published before a peer first connected
+        // never reached it (round updates are not retained), so it waited out the deadline.
+        let mut s = build(StrategyKind::FedAvg, ctx("h1", 2), None).unwrap();
+        s.handle(Input::Start { weights: vec![] }, 0);
+        // Before its own update exists there is nothing to resend.
+        let joining = |site: &str| Input::Presence {
+            site: site.into(),
+            status: PeerStatus::Joining,
+            model_version: 0,
+            round: 0,
+        };
+        assert!(published(&s.handle(joining("h3"), 5)).is_empty());
+        s.handle(trained(2.0), 10);
+        let a = s.handle(joining("h3"), 20);
+        assert_eq!(published(&a), vec![(0, 1, vec![2.0; 4])]);
+        // A peer that is already training gets nothing again; nor does an unknown site.
+        let training = Input::Presence {
+            site: "h2".into(),
+            status: PeerStatus::Training,
+            model_version: 0,
+            round: 0,
+        };
+        assert!(published(&s.handle(training, 30)).is_empty());
+        assert!(published(&s.handle(joining("x9"), 35)).is_empty());
+        // The round still ends as usual, and a late round-0 update is still ignored.
+        s.handle(model("h2", Purpose::Round, 0, 1, 10, 4.0), 40);
+        let a = s.handle(model("h3", Purpose::Round, 0, 1, 10, 6.0), 50);
+        let w = set_model(&a).unwrap();
+        assert!(w.iter().all(|x| (x - 4.0).abs() < 1e-6), "{w:?}");
+        let a = s.handle(model("h3", Purpose::Round, 0, 1, 10, 9.0), 60);
+        assert!(set_model(&a).is_none());
+        // In round 1, before training, it holds no round-1 update to resend.
+        assert!(published(&s.handle(joining("h2"), 70)).is_empty());
+    }
+
+    #[test]
+    fn braintorrent_never_reuses_a_version_announced_before_a_restart() {
+        // Regression (issue 3, bug 3): h1 published v1 and v2, was killed with its checkpoint
+        // at v1, and republished another v2 that peers ignored (they hold a v2 of h1).
+        let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 4), None).unwrap();
+        s.handle(
+            Input::Start {
+                weights: vec![0.0; 4],
+            },
+            0,
+        );
+        s.handle(trained(1.0), 10);
+        let checkpoint = s.snapshot();
+        let a = s.handle(trained(2.0), 20);
+        assert_eq!(published(&a)[0].1, 2);
+        // Restart from the v1 checkpoint; the broker hands back the retained v2 announcement.
+        let mut r = build(StrategyKind::BrainTorrent, ctx("h1", 4), Some(&checkpoint)).unwrap();
+        assert_eq!(r.model_version(), 1);
+        assert!(trains(&r.handle(
+            Input::Start {
+                weights: vec![1.0; 4]
+            },
+            30
+        )));
+        r.handle(
+            Input::Announced {
+                site: "h1".into(),
+                model_version: 2,
+            },
+            35,
+        );
+        assert_eq!(r.model_version(), 2);
+        assert_eq!(r.versions_seen().get("h1"), Some(&2));
+        let a = r.handle(trained(3.0), 40);
+        assert_eq!(published(&a), vec![(2, 3, vec![3.0; 4])]);
+        // An older own announcement (or this run's own, echoed) changes nothing.
+        r.handle(
+            Input::Announced {
+                site: "h1".into(),
+                model_version: 1,
+            },
+            45,
+        );
+        assert_eq!(r.model_version(), 3);
+        // A peer that held h1's v2 takes the new v3.
+        let mut peer = build(StrategyKind::BrainTorrent, ctx("h2", 4), None).unwrap();
+        peer.handle(
+            Input::Start {
+                weights: vec![0.0; 4],
+            },
+            0,
+        );
+        peer.handle(model("h1", Purpose::Gossip, 1, 2, 10, 2.0), 50);
+        peer.handle(model("h1", Purpose::Gossip, 2, 3, 10, 3.0), 60);
+        let a = peer.handle(trained(5.0), 70);
+        let w = set_model(&a).unwrap();
+        assert!(w.iter().all(|x| (x - 4.0).abs() < 1e-6), "{w:?}");
+    }
+
     #[test]
     fn braintorrent_merges_newer_peers_without_waiting() {
         let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 2), None).unwrap();
@@ -1221,6 +1417,67 @@ mod tests {
         let r = build(StrategyKind::BrainTorrent, ctx("h1", 2), Some(&saved)).unwrap();
         assert_eq!(r.versions_seen(), s.versions_seen());
         assert!(r.finished());
+    }
+
+    #[test]
+    fn braintorrent_final_average_is_one_shared_model_in_any_arrival_order() {
+        // Regression: merging each final model as it arrived left h3 (5 cases) with 3/4 of
+        // whichever peer came last, and every site with another model.
+        let (samples, value) = ([40u64, 15, 5], [1.0f32, 2.0, 7.0]);
+        let sites = ["h1", "h2", "h3"];
+        let want = (40.0 * 1.0 + 15.0 * 2.0 + 5.0 * 7.0) / 60.0;
+        // Per site: the peers whose final model arrives while it trains, then the rest in order.
+        let orders: [(&[usize], &[usize]); 3] = [(&[], &[2, 1]), (&[2], &[0]), (&[], &[1, 0])];
+        let mut finals = Vec::new();
+        for (i, (before, after)) in orders.iter().enumerate() {
+            let mut c = ctx(sites[i], 1);
+            c.samples = samples[i];
+            let mut s = build(StrategyKind::BrainTorrent, c, None).unwrap();
+            s.handle(
+                Input::Start {
+                    weights: vec![0.0; 4],
+                },
+                0,
+            );
+            let peer = |j: usize| model(sites[j], Purpose::Gossip, 0, 1, samples[j], value[j]);
+            for &j in before.iter() {
+                assert!(s.handle(peer(j), 1).is_empty());
+            }
+            for j in (0..3).filter(|&j| j != i) {
+                s.handle(
+                    Input::Presence {
+                        site: sites[j].into(),
+                        status: PeerStatus::Idle,
+                        model_version: 1,
+                        round: 1,
+                    },
+                    2,
+                );
+            }
+            let mut last = s.handle(trained(value[i]), 3);
+            for &j in after.iter() {
+                assert!(
+                    !s.finished(),
+                    "{} finished before {}'s model",
+                    sites[i],
+                    sites[j]
+                );
+                last = s.handle(peer(j), 4);
+            }
+            assert!(s.finished());
+            assert_eq!(last.last(), Some(&Action::Finished));
+            let w = set_model(&last).expect("a final average");
+            assert!(
+                (w[0] - want).abs() < 1e-6,
+                "{}: {w:?}, want {want}",
+                sites[i]
+            );
+            let seen = s.versions_seen();
+            assert!(sites.iter().all(|h| seen.get(*h) == Some(&1)), "{seen:?}");
+            finals.push(w);
+        }
+        assert_eq!(finals[0], finals[1]);
+        assert_eq!(finals[0], finals[2]);
     }
 
     #[test]

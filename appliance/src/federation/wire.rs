@@ -847,6 +847,21 @@ pub struct ReplayGuard {
     pub window_ms: u64,
     /// Highest accepted seq per `"{sender}/{kind}"`.
     last: BTreeMap<String, u64>,
+    /// SHA-256 of the message last accepted per `"{sender}/{kind}"` (tells an exact
+    /// redelivery from a replay; absent in checkpoints written before it existed).
+    #[serde(default)]
+    digests: BTreeMap<String, [u8; 32]>,
+}
+
+/// What [`ReplayGuard::admit`] decided about a message it did not refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A message not seen before; its seq is recorded.
+    Fresh,
+    /// The very message accepted last from this sender on this channel (same seq, same bytes)
+    /// delivered again, as an MQTT QoS 1 redelivery after a reconnect or a broker restart: not a
+    /// replay, but nothing new either.
+    Duplicate,
 }
 
 impl ReplayGuard {
@@ -855,6 +870,7 @@ impl ReplayGuard {
         ReplayGuard {
             window_ms: window.as_millis() as u64,
             last: BTreeMap::new(),
+            digests: BTreeMap::new(),
         }
     }
 
@@ -897,6 +913,27 @@ impl ReplayGuard {
         self.last
             .insert(Self::key(&env.sender, env.kind()), env.seq);
         Ok(())
+    }
+
+    /// Like [`accept`](Self::accept), but tells an exact redelivery of the message accepted last
+    /// on its channel (same sender, kind and seq, and the same sealed `bytes`) apart as
+    /// [`Admission::Duplicate`] instead of refusing it. A lower seq, or the same seq with other
+    /// bytes, is still refused as [`WireError::Replayed`].
+    pub fn admit(
+        &mut self,
+        env: &Envelope,
+        bytes: &[u8],
+        now_unix_ms: u64,
+    ) -> Result<Admission, WireError> {
+        let key = Self::key(&env.sender, env.kind());
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        if self.last.get(&key) == Some(&env.seq) && self.digests.get(&key) == Some(&digest) {
+            return Ok(Admission::Duplicate);
+        }
+        self.check(env, now_unix_ms)?;
+        self.last.insert(key.clone(), env.seq);
+        self.digests.insert(key, digest);
+        Ok(Admission::Fresh)
     }
 }
 
@@ -1693,6 +1730,49 @@ mod tests {
         assert_eq!(back, g);
         assert!(back.check(&msg("h1", 9, now, leave()), now).is_err());
         assert!(back.check(&msg("h1", 10, now, leave()), now).is_ok());
+    }
+
+    #[test]
+    fn replay_guard_tells_a_redelivery_from_a_replay() {
+        // Regression: QoS 1 redeliveries after a broker restart were refused as replays.
+        let k = keys("h1", 1);
+        let mut g = ReplayGuard::new(Duration::from_secs(60));
+        let now = 1_700_000_000_000u64;
+        let sealed = |seq, body| {
+            let env = Envelope::new("h1", seq, now, body);
+            let bytes = seal(&env, &k).unwrap();
+            (env, bytes)
+        };
+        let (e5, b5) = sealed(5, Body::Control(Control::Leave));
+        assert_eq!(g.admit(&e5, &b5, now), Ok(Admission::Fresh));
+        assert_eq!(g.admit(&e5, &b5, now), Ok(Admission::Duplicate));
+        // The same seq with other bytes is a replay, and so is a lower seq.
+        let (e5b, b5b) = sealed(
+            5,
+            Body::Control(Control::Pull {
+                from: "h2".into(),
+                have_version: 1,
+            }),
+        );
+        assert!(matches!(
+            g.admit(&e5b, &b5b, now),
+            Err(WireError::Replayed {
+                seq: 5,
+                last: 5,
+                ..
+            })
+        ));
+        let (e4, b4) = sealed(4, Body::Control(Control::Leave));
+        assert!(g.admit(&e4, &b4, now).is_err());
+        let (e6, b6) = sealed(6, Body::Control(Control::Leave));
+        assert_eq!(g.admit(&e6, &b6, now), Ok(Admission::Fresh));
+        // Once a newer message is accepted, the older one is a replay again.
+        assert!(g.admit(&e5, &b5, now).is_err());
+        assert_eq!(g.admit(&e6, &b6, now), Ok(Admission::Duplicate));
+        // The digest survives a checkpoint.
+        let mut back: ReplayGuard =
+            serde_json::from_str(&serde_json::to_string(&g).unwrap()).unwrap();
+        assert_eq!(back.admit(&e6, &b6, now), Ok(Admission::Duplicate));
     }
 
     fn meta(id: u64) -> UpdateMeta {
