@@ -863,7 +863,7 @@ impl Site {
             Ok(Admission::Fresh) => {}
             Ok(Admission::Duplicate) => {
                 // A QoS 1 redelivery (after a reconnect or a broker restart), not a replay.
-                debug!(%topic, sender = %env.sender, seq = env.seq, "dropped a redelivered message");
+                info!(%topic, sender = %env.sender, seq = env.seq, "dropped a copy of the last message (a redelivery or a replay)");
                 return Ok(());
             }
             Err(e) => {
