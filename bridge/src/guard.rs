@@ -189,7 +189,7 @@ fn inflate_capped(bytes: &[u8], cap: usize) -> Result<Vec<u8>, GuardError> {
 }
 
 /// VRs with a 2-byte length in explicit VR (PS3.5 Table 7.1-2, as dicom-rs 0.10.1 decodes them).
-fn has_short_length(vr: [u8; 2]) -> bool {
+pub fn has_short_length(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
         b"AE"

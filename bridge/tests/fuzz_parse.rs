@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use cosilo_bridge::deid::{DatePolicy, Deidentifier};
 use cosilo_bridge::dimse::{self, CEchoRq};
-use cosilo_bridge::guard::{check_dataset_lengths, GuardError};
+use cosilo_bridge::guard::{check_dataset_lengths, has_short_length, GuardError};
 use dicom::object::{open_file, InMemDicomObject};
 use dicom::transfer_syntax::TransferSyntaxIndex;
 use dicom::transfer_syntax::TransferSyntaxRegistry;
@@ -204,31 +204,7 @@ fn corrupt_a_length(rng: &mut Rng, input: &[u8], explicit: bool, big_endian: boo
         }
     };
     while pos + 12 <= b.len() {
-        let short = explicit
-            && matches!(
-                &b[pos + 4..pos + 6],
-                b"AE"
-                    | b"AS"
-                    | b"AT"
-                    | b"CS"
-                    | b"DA"
-                    | b"DS"
-                    | b"DT"
-                    | b"FL"
-                    | b"FD"
-                    | b"IS"
-                    | b"LO"
-                    | b"LT"
-                    | b"PN"
-                    | b"SH"
-                    | b"SL"
-                    | b"SS"
-                    | b"ST"
-                    | b"TM"
-                    | b"UI"
-                    | b"UL"
-                    | b"US"
-            );
+        let short = explicit && has_short_length([b[pos + 4], b[pos + 5]]);
         let (at, width, len, value) = if !explicit {
             (pos + 4, 4, rd32(&b, pos + 4), pos + 8)
         } else if short {
