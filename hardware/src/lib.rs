@@ -7,9 +7,13 @@
 //! - [`memory`], [`cpu`], [`thermal_zones`]: readings from procfs/sysfs.
 //! - [`disk`]: free space of the filesystem holding a path (`statvfs`).
 //! - [`DiskReserve`]: the guard every writer of bulk data consults before writing.
+//! - [`durable`]: durable file writes (write, fsync, rename, fsync the directory), the one home of
+//!   the fsync discipline every crate that acknowledges data follows.
 //!
 //! GPU, power and NVIDIA Jetson specifics follow in their own issue, behind cargo features with
 //! the same "not available" stand-in on machines without them.
+
+pub mod durable;
 
 use std::path::{Path, PathBuf};
 

@@ -6,9 +6,9 @@
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use cosilo_appliance::export;
-use cosilo_appliance::train::{unet, TrainConfig};
 use cosilo_sdk::bundle::{rfc3339_utc, Metrics, Provenance};
+use cosilo_train::export;
+use cosilo_train::{unet, TrainConfig};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -14,11 +14,12 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cosilo_appliance::config::{Quorum, SiteConfig, StrategyKind};
-use cosilo_appliance::federation::daemon::{session_run, RunSummary};
-use cosilo_appliance::federation::keys::SiteKeys;
-use cosilo_appliance::federation::weights::{FlatWeights, WeightFormat};
-use cosilo_appliance::store::Store;
+use cosilo_appliance::config::{Quorum, SiteConfig};
+use cosilo_appliance::daemon::{session_run, RunSummary};
+use cosilo_federation::keys::SiteKeys;
+use cosilo_federation::strategy::StrategyKind;
+use cosilo_federation::weights::{FlatWeights, WeightFormat};
+use cosilo_store::Store;
 
 use crate::workspace_root;
 
@@ -105,9 +106,9 @@ pub fn tiny_cohort() -> Result<PathBuf> {
         .tempdir()
         .context("creating the cohort folder")?
         .keep();
-    let cache = cosilo_appliance::fetch::default_cache_dir();
-    let spec = cosilo_appliance::cohort::CohortSpec::new(11, "2,2,1", 1)?;
-    cosilo_appliance::cohort::build_cohort(&cache, &dir, &spec).with_context(|| {
+    let cache = cosilo_lab::fetch::default_cache_dir();
+    let spec = cosilo_lab::cohort::CohortSpec::new(11, "2,2,1", 1)?;
+    cosilo_lab::cohort::build_cohort(&cache, &dir, &spec).with_context(|| {
         format!(
             "building the test cohort from {} (run `cosilo data fetch` first)",
             cache.display()
@@ -186,11 +187,11 @@ impl Federation {
         let mut roster = format!("[federation]\nname = \"{}\"\n", spec.name);
         for h in &spec.sites {
             let store = Store::open(&dir.path().join(format!("{h}-store")))?;
-            let requests = cosilo_appliance::store::import::read_manifest(&manifest, Some(h))?;
+            let requests = cosilo_store::import::read_manifest(&manifest, Some(h))?;
             if requests.is_empty() {
                 bail!("the cohort has no cases of hospital {h}");
             }
-            let report = cosilo_appliance::store::import::import_all(&store, &requests)?;
+            let report = cosilo_store::import::import_all(&store, &requests)?;
             if !report.refused.is_empty() {
                 bail!("importing {h}'s cases: {report}");
             }
@@ -340,7 +341,7 @@ impl Federation {
             .with_context(|| format!("loading {site}'s checkpoint {seq}"))?;
         Ok(SiteCheckpoint {
             seq,
-            weights: FlatWeights::from_varmap(&vars)?,
+            weights: cosilo_train::flat::flatten(&vars)?,
             meta,
         })
     }
@@ -349,8 +350,8 @@ impl Federation {
     pub fn initial_weights(&self, site: &str) -> Result<FlatWeights> {
         let tc = self.config(site)?.train_config()?;
         let device = candle_core::Device::Cpu;
-        let (_, init) = cosilo_appliance::train::unet::build(&tc.model, &device, tc.seed)?;
-        Ok(FlatWeights::from_varmap(&init)?)
+        let (_, init) = cosilo_train::unet::build(&tc.model, &device, tc.seed)?;
+        Ok(cosilo_train::flat::flatten(&init)?)
     }
 }
 
@@ -360,8 +361,8 @@ impl Federation {
 /// before a slow peer's first connection never reaches that peer, which then waits for the
 /// deadline.
 pub fn provision_sessions(spec: &FederationSpec, broker_port: u16) -> Result<()> {
-    use cosilo_appliance::federation::link::{self, LinkConfig, LinkEvent};
-    use cosilo_appliance::federation::wire::topics;
+    use cosilo_federation::link::{self, LinkConfig, LinkEvent};
+    use cosilo_federation::wire::topics;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

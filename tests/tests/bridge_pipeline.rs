@@ -14,12 +14,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use cosilo_appliance::store::{Split, Store};
 use cosilo_sdk::dicom::{
     read_series_dir, write_seg, write_series, AlgorithmInfo, Modality, SegmentDescription,
     SeriesMeta,
 };
 use cosilo_sdk::volume::{Geometry, Volume};
+use cosilo_store::{Split, Store};
 
 const PATIENT_NAME: &str = "Lindqvist^Ingrid";
 const PATIENT_ID: &str = "PID-H9-77310";

@@ -11,16 +11,16 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use cosilo_appliance::export;
-use cosilo_appliance::rng::Rng;
-use cosilo_appliance::train::data::{LabelledVolume, PreparedVolume};
-use cosilo_appliance::train::eval;
-use cosilo_appliance::train::unet::{self, UNet, UNetConfig};
-use cosilo_appliance::train::TrainConfig;
+use cosilo_rng::Rng;
 use cosilo_sdk::bundle::{self, BundleError, Metrics, Provenance};
 use cosilo_sdk::segment::{SegmentError, Segmenter, SegmenterOptions};
 use cosilo_sdk::volume::{read_nifti, read_nifti_labels, write_nifti_f32, write_nifti_labels};
 use cosilo_sdk::{Geometry, Volume};
+use cosilo_train::data::{LabelledVolume, PreparedVolume};
+use cosilo_train::eval;
+use cosilo_train::export;
+use cosilo_train::unet::{self, UNet, UNetConfig};
+use cosilo_train::TrainConfig;
 
 /// Largest allowed |ONNX Runtime − candle| on a probability.
 const TOLERANCE: f32 = 1e-4;

@@ -19,12 +19,13 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cosilo_appliance::config::{SiteConfig, StrategyKind};
-use cosilo_appliance::federation::daemon::{session_run, RunSummary};
-use cosilo_appliance::federation::keys::SiteKeys;
-use cosilo_appliance::federation::link::{self, LinkConfig, LinkEvent};
-use cosilo_appliance::federation::weights::FlatWeights;
-use cosilo_appliance::store::Store;
+use cosilo_appliance::config::SiteConfig;
+use cosilo_appliance::daemon::{session_run, RunSummary};
+use cosilo_federation::keys::SiteKeys;
+use cosilo_federation::link::{self, LinkConfig, LinkEvent};
+use cosilo_federation::strategy::StrategyKind;
+use cosilo_federation::weights::FlatWeights;
+use cosilo_store::Store;
 use cosilo_tests::brokers::Mosquitto;
 use cosilo_tests::workspace_root;
 
@@ -74,9 +75,9 @@ fn cohort() -> Result<PathBuf> {
         .prefix("cosilo-fed-cohort")
         .tempdir()?
         .keep();
-    let cache = cosilo_appliance::fetch::default_cache_dir();
-    let spec = cosilo_appliance::cohort::CohortSpec::new(11, "2,2,1", 1)?;
-    cosilo_appliance::cohort::build_cohort(&cache, &dir, &spec).with_context(|| {
+    let cache = cosilo_lab::fetch::default_cache_dir();
+    let spec = cosilo_lab::cohort::CohortSpec::new(11, "2,2,1", 1)?;
+    cosilo_lab::cohort::build_cohort(&cache, &dir, &spec).with_context(|| {
         format!(
             "building the test cohort from {} (run `cosilo data fetch` first)",
             cache.display()
@@ -111,8 +112,8 @@ impl Federation {
         let mut roster = String::from("[federation]\nname = \"test\"\n");
         for h in SITES {
             let store = Store::open(&dir.path().join(format!("{h}-store")))?;
-            let requests = cosilo_appliance::store::import::read_manifest(&manifest, Some(h))?;
-            let report = cosilo_appliance::store::import::import_all(&store, &requests)?;
+            let requests = cosilo_store::import::read_manifest(&manifest, Some(h))?;
+            let report = cosilo_store::import::import_all(&store, &requests)?;
             assert!(report.refused.is_empty(), "{report}");
             let keys = SiteKeys::generate(h)?;
             keys.save(dir.path())?;
@@ -218,10 +219,10 @@ impl Federation {
         let device = candle_core::Device::Cpu;
         let (_, vars, tc) =
             cosilo_appliance::local::load_model(&store, &session_run(&cfg), &device)?;
-        let (_, init) = cosilo_appliance::train::unet::build(&tc.model, &device, tc.seed)?;
+        let (_, init) = cosilo_train::unet::build(&tc.model, &device, tc.seed)?;
         Ok((
-            FlatWeights::from_varmap(&vars)?,
-            FlatWeights::from_varmap(&init)?,
+            cosilo_train::flat::flatten(&vars)?,
+            cosilo_train::flat::flatten(&init)?,
         ))
     }
 }

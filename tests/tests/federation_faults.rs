@@ -19,8 +19,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use cosilo_appliance::config::{Quorum, StrategyKind};
-use cosilo_appliance::federation::daemon::RunSummary;
+use cosilo_appliance::config::Quorum;
+use cosilo_appliance::daemon::RunSummary;
+use cosilo_federation::strategy::StrategyKind;
 use cosilo_tests::brokers::Mosquitto;
 use cosilo_tests::federation_harness::{
     appliance_example, lines_with, round_lines, wait_all, Federation, FederationSpec,

@@ -6,10 +6,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cosilo_appliance::federation::broker::EmbeddedBroker;
-use cosilo_appliance::federation::link::{
-    connect, Link, LinkConfig, LinkError, LinkEvent, TlsConfig,
-};
+use cosilo_federation::broker::EmbeddedBroker;
+use cosilo_federation::link::{connect, Link, LinkConfig, LinkError, LinkEvent, TlsConfig};
 use cosilo_tests::brokers::{Mosquitto, TestCa};
 use tokio::sync::mpsc::Receiver;
 

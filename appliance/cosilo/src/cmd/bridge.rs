@@ -1,0 +1,79 @@
+//! `cosilo bridge`: the PACS bridge process.
+
+use std::path::PathBuf;
+
+use super::BadConfig;
+use super::StoreDir;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct BridgeArgs {
+    /// The bridge configuration (TOML; see --print-default-config).
+    #[arg(long, required_unless_present = "print_default_config")]
+    pub(crate) config: Option<PathBuf>,
+    /// Print the default bridge configuration and exit.
+    #[arg(long)]
+    pub(crate) print_default_config: bool,
+    /// The hospital named in each imported case's provenance.
+    #[arg(long, default_value = "local")]
+    pub(crate) hospital: String,
+    #[command(flatten)]
+    pub(crate) store: StoreDir,
+}
+
+/// `cosilo bridge`: SCP → de-identify → spool → assembler → store, until SIGINT/SIGTERM.
+pub(crate) fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use cosilo_bridge::pipeline::{Bridge, PipelineConfig, PipelineError, DEFAULT_CONFIG};
+
+    if args.print_default_config {
+        print!("{DEFAULT_CONFIG}");
+        return Ok(());
+    }
+    let Some(path) = args.config else {
+        anyhow::bail!("--config is required");
+    };
+    let cfg = match PipelineConfig::from_file(&path) {
+        Ok(cfg) => cfg,
+        Err(e @ (PipelineError::ParseConfig { .. } | PipelineError::Invalid(_))) => {
+            return Err(anyhow::Error::new(BadConfig(format!("{e:#}"))))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let store = cosilo_store::Store::open(&args.store.path)?;
+    let sink = Arc::new(cosilo_appliance::bridge_sink::StoreSeriesSink::new(
+        store,
+        args.hospital,
+    ));
+    let shutdown = Arc::new(AtomicBool::new(false));
+    {
+        let shutdown = shutdown.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+                }
+            });
+            shutdown.store(true, Ordering::SeqCst);
+        });
+    }
+    let report = Bridge::run(&cfg, sink, &shutdown, |addr| {
+        println!("listening on {addr}");
+    })?;
+    println!(
+        "bridge stopped: {} series imported, {} refused",
+        report.imported.len(),
+        report.refused.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! # cosilo-appliance
+//!
+//! The composition root of a hospital's Cosilo box: the site daemon and the `cosilo` command that
+//! drives it. The work itself lives in crates with one concern each (see ARCHITECTURE.md):
+//! `cosilo-store` (cases and checkpoints, the only crate naming sled), `cosilo-train` (U-Net,
+//! kernels, sessions, export), `cosilo-federation` (protocol, keys, strategies, MQTT; no candle,
+//! no sled), `cosilo-lab` (data fetch, cohorts, charts) and `cosilo-rng`. This crate joins them.
+//!
+//! Module map:
+//! - [`config`]: a site's typed configuration for `cosilo run` (defaults in `config/site.toml`).
+//! - [`daemon`]: `cosilo run`: trainer thread + link + strategy, checkpoints, clean shutdown.
+//! - [`local`]: one site's pipeline: store → training → evaluation → report.
+//! - [`bridge_sink`]: the PACS bridge's complete series become store cases.
+//! - [`demo`]: `cosilo demo`: three hospitals federated on one machine against local-only.
+
+pub mod bridge_sink;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod local;

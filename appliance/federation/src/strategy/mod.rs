@@ -1,0 +1,303 @@
+//! Federation strategies as state machines, separate from I/O: the daemon feeds each one
+//! [`Input`]s (its own training finished, a peer's model arrived, a peer's presence, a clock
+//! tick) and carries out the [`Action`]s it returns (train, install a model, publish, pass the
+//! token, pull). Tests drive them with no broker and no trainer.
+//!
+//! - [`LocalOnly`]: trains `rounds` rounds on the site's own cases; sends nothing.
+//! - [`FedAvg`]: federated averaging without a server. In round `r` every site trains from the
+//!   shared model, publishes its round-`r` update and averages the round-`r` updates it holds
+//!   (its own included, weighted by samples, summed in site-id order) as soon as every live site
+//!   delivered, or at the deadline when a quorum is in, or alone after the update timeout. When
+//!   all deliver, all sites compute the same sum in the same order and hold identical weights. A
+//!   dead site does not stall the rest; a late round-`r` update is ignored.
+//! - [`BrainTorrent`]: every site trains, increments its model version, announces the model, and
+//!   merges (own + every peer model newer than the version vector's entry, sample-weighted)
+//!   without waiting for anyone (Roy et al., 2019). Presence announcing a version it has not
+//!   received yields a Pull. After its last round a site waits (up to the update timeout) for
+//!   the peers' final models, then averages every site's final model at once (its own as
+//!   trained, sample-weighted, summed in site-id order): with every final model in, all sites
+//!   hold the same shared model. (Merging each final model as it arrived made the result depend
+//!   on arrival order and left a small site's model mostly whichever peer came last.)
+//! - [`Cyclic`] (CIIL): a token passes round the roster in site-id order; the holder trains
+//!   `steps_per_round` steps and passes model and token on; `rounds` cycles.
+//! - [`Incremental`] (IIL): each site once, in order, trains until its own held-out Dice has not
+//!   improved for `patience` rounds (at most `rounds`) and passes its best model on.
+//!
+//! Every average goes through [`WeightedAverage`], the one kernel. Each machine's control state
+//! serialises to JSON ([`Strategy::snapshot`]) and is saved with the session checkpoint; models
+//! received from peers are not (after a restart they come back as retained announcements or
+//! from the broker's persistent session).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::WeightedAverage;
+
+/// The federation strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StrategyKind {
+    /// Decentralised gossip of versioned models (Roy et al., 2019).
+    BrainTorrent,
+    /// Federated averaging without a server: every site averages every round's updates.
+    FedAvg,
+    /// Cyclic institutional incremental learning: a token passes the model round the ring.
+    Ciil,
+    /// Institutional incremental learning: each site once, until its validation stops improving.
+    Iil,
+    /// No federation: train on the site's own cases only.
+    Local,
+}
+
+impl StrategyKind {
+    /// The name as written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            StrategyKind::BrainTorrent => "braintorrent",
+            StrategyKind::FedAvg => "fedavg",
+            StrategyKind::Ciil => "ciil",
+            StrategyKind::Iil => "iil",
+            StrategyKind::Local => "local",
+        }
+    }
+}
+
+/// What a model message is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Purpose {
+    /// BrainTorrent's announced latest model.
+    Gossip,
+    /// FedAvg's round update.
+    Round,
+    /// CIIL/IIL: the model that goes with the token.
+    Token,
+}
+
+/// A peer's state as its presence says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerStatus {
+    Joining,
+    Training,
+    Idle,
+    Leaving,
+}
+
+/// A model received from a peer, already verified and decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerModel {
+    pub origin: String,
+    pub purpose: Purpose,
+    pub model_version: u64,
+    pub round: u64,
+    pub samples: u64,
+    pub weights: Vec<f32>,
+}
+
+/// What happens to a strategy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The daemon is ready; `weights` is the session's model (restored or initial).
+    Start { weights: Vec<f32> },
+    /// The trainer finished the asked steps. `score`: held-out tissue Dice when there are
+    /// held-out cases; `loss`: the steps' mean loss.
+    Trained {
+        weights: Vec<f32>,
+        score: Option<f64>,
+        loss: f64,
+    },
+    /// A peer's model.
+    Model(PeerModel),
+    /// A peer's presence.
+    Presence {
+        site: String,
+        status: PeerStatus,
+        model_version: u64,
+        round: u64,
+    },
+    /// A peer announced (retained) that its newest model has this version; `site` is this site
+    /// when the broker hands back its own announcement from before a restart.
+    Announced { site: String, model_version: u64 },
+    /// Time passes (milliseconds since the Unix epoch are given with every input).
+    Tick,
+}
+
+/// What the daemon must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Train `steps` more steps, then feed [`Input::Trained`].
+    Train { steps: usize },
+    /// Install this model in the session.
+    SetModel(Vec<f32>),
+    /// Publish a model (retained when `retain`).
+    Publish {
+        purpose: Purpose,
+        round: u64,
+        model_version: u64,
+        weights: Vec<f32>,
+        retain: bool,
+    },
+    /// Send the token to `next` (after the Publish that carries the model).
+    PassToken {
+        next: String,
+        cycle: u32,
+        position: u32,
+    },
+    /// Ask `from` for its latest model.
+    Pull { from: String, have_version: u64 },
+    /// Round `round` is over with the installed model: evaluate, log, checkpoint, publish metrics.
+    EndOfRound {
+        round: u64,
+        contributors: Vec<String>,
+    },
+    /// Something to log (a decision, an ignored message).
+    Note(String),
+    /// The strategy has finished: checkpoint and leave.
+    Finished,
+}
+
+/// What every strategy knows about the federation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Context {
+    /// This site.
+    pub me: String,
+    /// Every site of the roster, this one included, sorted.
+    pub sites: Vec<String>,
+    pub rounds: u64,
+    pub steps_per_round: usize,
+    /// FedAvg: updates (own included) that suffice at the deadline.
+    pub quorum: usize,
+    pub round_deadline_ms: u64,
+    pub update_timeout_ms: u64,
+    pub patience: u64,
+    /// This site's training cases (its weight in averages).
+    pub samples: u64,
+}
+
+impl Context {
+    fn peers(&self) -> impl Iterator<Item = &String> {
+        self.sites.iter().filter(move |s| **s != self.me)
+    }
+
+    fn is_peer(&self, s: &str) -> bool {
+        s != self.me && self.sites.iter().any(|x| x == s)
+    }
+
+    fn index(&self, s: &str) -> Option<usize> {
+        self.sites.iter().position(|x| x == s)
+    }
+}
+
+/// Errors of a strategy.
+#[derive(Debug, thiserror::Error)]
+pub enum StrategyError {
+    #[error("saved strategy state is unreadable: {0}")]
+    State(String),
+    #[error("site {0:?} is not in the roster")]
+    NotInRoster(String),
+}
+
+/// A federation strategy.
+pub trait Strategy: Send {
+    /// Handles one input at time `now_ms` (ms since the Unix epoch).
+    fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Action>;
+    /// The control state to save with the checkpoint.
+    fn snapshot(&self) -> serde_json::Value;
+    /// The round in progress (or rounds done, when finished).
+    fn round(&self) -> u64;
+    /// The model version (BrainTorrent; others count rounds).
+    fn model_version(&self) -> u64 {
+        self.round()
+    }
+    /// The version vector (BrainTorrent; empty for the others).
+    fn versions_seen(&self) -> BTreeMap<String, u64> {
+        BTreeMap::new()
+    }
+    /// True once [`Action::Finished`] was returned.
+    fn finished(&self) -> bool;
+}
+
+/// Builds the strategy `kind`, restoring its saved state when given.
+pub fn build(
+    kind: StrategyKind,
+    ctx: Context,
+    saved: Option<&serde_json::Value>,
+) -> Result<Box<dyn Strategy>, StrategyError> {
+    if ctx.index(&ctx.me).is_none() {
+        return Err(StrategyError::NotInRoster(ctx.me.clone()));
+    }
+    fn state<T: for<'de> Deserialize<'de> + Default>(
+        saved: Option<&serde_json::Value>,
+    ) -> Result<T, StrategyError> {
+        match saved {
+            None | Some(serde_json::Value::Null) => Ok(T::default()),
+            Some(v) => {
+                serde_json::from_value(v.clone()).map_err(|e| StrategyError::State(e.to_string()))
+            }
+        }
+    }
+    Ok(match kind {
+        StrategyKind::Local => Box::new(LocalOnly {
+            ctx,
+            s: state(saved)?,
+        }),
+        StrategyKind::FedAvg => Box::new(FedAvg {
+            ctx,
+            s: state(saved)?,
+            received: BTreeMap::new(),
+            left: BTreeSet::new(),
+        }),
+        StrategyKind::BrainTorrent => Box::new(BrainTorrent {
+            ctx,
+            s: state(saved)?,
+            own: Vec::new(),
+            trained: Vec::new(),
+            latest: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            pulled: BTreeMap::new(),
+        }),
+        StrategyKind::Ciil => Box::new(Cyclic {
+            ctx,
+            s: state(saved)?,
+        }),
+        StrategyKind::Iil => Box::new(Incremental {
+            ctx,
+            s: state(saved)?,
+            best_weights: Vec::new(),
+        }),
+    })
+}
+
+pub(super) fn snapshot_of<T: Serialize>(s: &T) -> serde_json::Value {
+    serde_json::to_value(s).unwrap_or(serde_json::Value::Null)
+}
+
+/// The sample-weighted average of `models` (weight, values), summed in the given order. A model
+/// of another length than the first is left out (the daemon checks layouts before this).
+pub(super) fn average<'a>(models: impl IntoIterator<Item = (u64, &'a [f32])>) -> Option<Vec<f32>> {
+    let mut acc: Option<WeightedAverage> = None;
+    for (samples, w) in models {
+        let a = acc.get_or_insert_with(|| WeightedAverage::new(w.len()));
+        if a.add(w, samples.max(1) as f64).is_err() {
+            tracing::warn!(
+                len = w.len(),
+                "left a model of another size out of an average"
+            );
+        }
+    }
+    acc.and_then(|a| a.finish().ok())
+}
+
+mod cyclic;
+mod fedavg;
+mod gossip;
+mod incremental;
+mod local;
+#[cfg(test)]
+mod tests;
+
+pub use cyclic::Cyclic;
+pub use fedavg::FedAvg;
+pub use gossip::BrainTorrent;
+pub use incremental::Incremental;
+pub use local::LocalOnly;

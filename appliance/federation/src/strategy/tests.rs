@@ -1,0 +1,541 @@
+//! The strategies driven with no broker and no trainer.
+
+use super::*;
+
+fn ctx(me: &str, rounds: u64) -> Context {
+    Context {
+        me: me.into(),
+        sites: vec!["h1".into(), "h2".into(), "h3".into()],
+        rounds,
+        steps_per_round: 5,
+        quorum: 2,
+        round_deadline_ms: 1_000,
+        update_timeout_ms: 10_000,
+        patience: 2,
+        samples: 10,
+    }
+}
+
+fn trained(v: f32) -> Input {
+    Input::Trained {
+        weights: vec![v; 4],
+        score: None,
+        loss: 1.0,
+    }
+}
+
+fn model(origin: &str, purpose: Purpose, round: u64, version: u64, samples: u64, v: f32) -> Input {
+    Input::Model(PeerModel {
+        origin: origin.into(),
+        purpose,
+        model_version: version,
+        round,
+        samples,
+        weights: vec![v; 4],
+    })
+}
+
+fn set_model(actions: &[Action]) -> Option<Vec<f32>> {
+    actions.iter().rev().find_map(|a| match a {
+        Action::SetModel(w) => Some(w.clone()),
+        _ => None,
+    })
+}
+
+fn trains(actions: &[Action]) -> bool {
+    actions.iter().any(|a| matches!(a, Action::Train { .. }))
+}
+
+#[test]
+fn local_trains_each_round_then_finishes() {
+    let mut s = build(StrategyKind::Local, ctx("h1", 2), None).unwrap();
+    assert!(trains(&s.handle(Input::Start { weights: vec![] }, 0)));
+    assert!(trains(&s.handle(trained(1.0), 1)));
+    let a = s.handle(trained(2.0), 2);
+    assert_eq!(a.last(), Some(&Action::Finished));
+    assert!(s.finished());
+    assert!(!a.iter().any(|a| matches!(a, Action::Publish { .. })));
+}
+
+#[test]
+fn fedavg_sites_reach_the_same_average_in_any_arrival_order() {
+    // Three sites with samples 10 (own ctx), each sees the other two in a different order.
+    let values = [("h1", 1.0f32), ("h2", 2.0), ("h3", 6.0)];
+    let mut results = Vec::new();
+    for (me, own) in values {
+        let mut c = ctx(me, 2);
+        c.samples = 10;
+        let mut s = build(StrategyKind::FedAvg, c, None).unwrap();
+        assert!(trains(&s.handle(
+            Input::Start {
+                weights: vec![0.0; 4]
+            },
+            0
+        )));
+        let a = s.handle(trained(own), 10);
+        assert!(matches!(
+            a[0],
+            Action::Publish {
+                purpose: Purpose::Round,
+                round: 0,
+                ..
+            }
+        ));
+        assert!(
+            set_model(&a).is_none(),
+            "averaged before the others arrived"
+        );
+        let mut got = None;
+        for (other, v) in values.iter().rev() {
+            if *other != me {
+                let a = s.handle(model(other, Purpose::Round, 0, 1, 10, *v), 20);
+                if let Some(w) = set_model(&a) {
+                    got = Some(w);
+                    assert!(trains(&a), "round 1 must start");
+                }
+            }
+        }
+        let w = got.expect("averaged once all three were in");
+        results.push(w);
+        assert_eq!(s.round(), 1);
+    }
+    assert!((results[0][0] - 3.0).abs() < 1e-6, "{:?}", results[0]);
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[1], results[2]);
+}
+
+#[test]
+fn fedavg_dead_site_deadline_quorum_and_late_updates() {
+    let mut s = build(StrategyKind::FedAvg, ctx("h1", 3), None).unwrap();
+    s.handle(Input::Start { weights: vec![] }, 0);
+    s.handle(trained(1.0), 100);
+    // h2 delivers, h3 is dead: nothing before the deadline, the average after it.
+    assert!(set_model(&s.handle(model("h2", Purpose::Round, 0, 1, 30, 5.0), 200)).is_none());
+    assert!(s.handle(Input::Tick, 900).is_empty());
+    let a = s.handle(Input::Tick, 1_100);
+    let w = set_model(&a).unwrap();
+    assert!((w[0] - 4.0).abs() < 1e-6, "{w:?}"); // (10·1 + 30·5) / 40
+    assert!(a.iter().any(|a| matches!(a, Action::Note(_))));
+    assert_eq!(s.round(), 1);
+    // h3's late round-0 update is ignored.
+    let a = s.handle(model("h3", Purpose::Round, 0, 1, 10, 100.0), 1_200);
+    assert!(set_model(&a).is_none());
+    assert!(matches!(&a[0], Action::Note(n) if n.contains("late")));
+    // Round 1: below quorum at the deadline → wait until the update timeout.
+    s.handle(trained(2.0), 2_000);
+    assert!(set_model(&s.handle(Input::Tick, 3_500)).is_none());
+    let a = s.handle(Input::Tick, 12_001);
+    assert_eq!(set_model(&a).unwrap(), vec![2.0; 4]);
+    // Round 2: h3 says it is leaving, h2's early update was buffered: average at once.
+    s.handle(model("h2", Purpose::Round, 2, 3, 10, 4.0), 12_100);
+    s.handle(
+        Input::Presence {
+            site: "h3".into(),
+            status: PeerStatus::Leaving,
+            model_version: 0,
+            round: 0,
+        },
+        12_200,
+    );
+    let a = s.handle(trained(2.0), 13_000);
+    assert_eq!(set_model(&a).unwrap(), vec![3.0; 4]);
+    assert_eq!(a.last(), Some(&Action::Finished));
+    assert!(s.finished());
+    // Strangers and other purposes never reach a model.
+    let mut t = build(StrategyKind::FedAvg, ctx("h1", 1), None).unwrap();
+    t.handle(Input::Start { weights: vec![] }, 0);
+    t.handle(trained(1.0), 0);
+    assert!(set_model(&t.handle(model("zz", Purpose::Round, 0, 1, 10, 9.0), 1)).is_none());
+    assert!(set_model(&t.handle(model("h2", Purpose::Gossip, 0, 1, 10, 9.0), 1)).is_none());
+}
+
+#[test]
+fn fedavg_restores_mid_collection_and_republishes() {
+    let mut s = build(StrategyKind::FedAvg, ctx("h1", 2), None).unwrap();
+    s.handle(Input::Start { weights: vec![] }, 0);
+    s.handle(trained(1.0), 10);
+    let saved = s.snapshot();
+    let mut r = build(StrategyKind::FedAvg, ctx("h1", 2), Some(&saved)).unwrap();
+    let a = r.handle(
+        Input::Start {
+            weights: vec![1.0; 4],
+        },
+        20,
+    );
+    assert!(matches!(a[0], Action::Publish { round: 0, .. }));
+    r.handle(model("h2", Purpose::Round, 0, 1, 10, 3.0), 30);
+    let a = r.handle(model("h3", Purpose::Round, 0, 1, 10, 5.0), 40);
+    let w = set_model(&a).unwrap();
+    assert!(w.iter().all(|x| (x - 3.0).abs() < 1e-6), "{w:?}");
+}
+
+fn published(actions: &[Action]) -> Vec<(u64, u64, Vec<f32>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Publish {
+                round,
+                model_version,
+                weights,
+                ..
+            } => Some((*round, *model_version, weights.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn fedavg_resends_its_round_update_to_a_joining_peer() {
+    // Regression (issue 3, bug 5): a round update published before a peer first connected
+    // never reached it (round updates are not retained), so it waited out the deadline.
+    let mut s = build(StrategyKind::FedAvg, ctx("h1", 2), None).unwrap();
+    s.handle(Input::Start { weights: vec![] }, 0);
+    // Before its own update exists there is nothing to resend.
+    let joining = |site: &str| Input::Presence {
+        site: site.into(),
+        status: PeerStatus::Joining,
+        model_version: 0,
+        round: 0,
+    };
+    assert!(published(&s.handle(joining("h3"), 5)).is_empty());
+    s.handle(trained(2.0), 10);
+    let a = s.handle(joining("h3"), 20);
+    assert_eq!(published(&a), vec![(0, 1, vec![2.0; 4])]);
+    // A peer that is already training gets nothing again; nor does an unknown site.
+    let training = Input::Presence {
+        site: "h2".into(),
+        status: PeerStatus::Training,
+        model_version: 0,
+        round: 0,
+    };
+    assert!(published(&s.handle(training, 30)).is_empty());
+    assert!(published(&s.handle(joining("x9"), 35)).is_empty());
+    // The round still ends as usual, and a late round-0 update is still ignored.
+    s.handle(model("h2", Purpose::Round, 0, 1, 10, 4.0), 40);
+    let a = s.handle(model("h3", Purpose::Round, 0, 1, 10, 6.0), 50);
+    let w = set_model(&a).unwrap();
+    assert!(w.iter().all(|x| (x - 4.0).abs() < 1e-6), "{w:?}");
+    let a = s.handle(model("h3", Purpose::Round, 0, 1, 10, 9.0), 60);
+    assert!(set_model(&a).is_none());
+    // In round 1, before training, it holds no round-1 update to resend.
+    assert!(published(&s.handle(joining("h2"), 70)).is_empty());
+}
+
+#[test]
+fn braintorrent_never_reuses_a_version_announced_before_a_restart() {
+    // Regression (issue 3, bug 3): h1 published v1 and v2, was killed with its checkpoint
+    // at v1, and republished another v2 that peers ignored (they hold a v2 of h1).
+    let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 4), None).unwrap();
+    s.handle(
+        Input::Start {
+            weights: vec![0.0; 4],
+        },
+        0,
+    );
+    s.handle(trained(1.0), 10);
+    let checkpoint = s.snapshot();
+    let a = s.handle(trained(2.0), 20);
+    assert_eq!(published(&a)[0].1, 2);
+    // Restart from the v1 checkpoint; the broker hands back the retained v2 announcement.
+    let mut r = build(StrategyKind::BrainTorrent, ctx("h1", 4), Some(&checkpoint)).unwrap();
+    assert_eq!(r.model_version(), 1);
+    assert!(trains(&r.handle(
+        Input::Start {
+            weights: vec![1.0; 4]
+        },
+        30
+    )));
+    r.handle(
+        Input::Announced {
+            site: "h1".into(),
+            model_version: 2,
+        },
+        35,
+    );
+    assert_eq!(r.model_version(), 2);
+    assert_eq!(r.versions_seen().get("h1"), Some(&2));
+    let a = r.handle(trained(3.0), 40);
+    assert_eq!(published(&a), vec![(2, 3, vec![3.0; 4])]);
+    // An older own announcement (or this run's own, echoed) changes nothing.
+    r.handle(
+        Input::Announced {
+            site: "h1".into(),
+            model_version: 1,
+        },
+        45,
+    );
+    assert_eq!(r.model_version(), 3);
+    // A peer that held h1's v2 takes the new v3.
+    let mut peer = build(StrategyKind::BrainTorrent, ctx("h2", 4), None).unwrap();
+    peer.handle(
+        Input::Start {
+            weights: vec![0.0; 4],
+        },
+        0,
+    );
+    peer.handle(model("h1", Purpose::Gossip, 1, 2, 10, 2.0), 50);
+    peer.handle(model("h1", Purpose::Gossip, 2, 3, 10, 3.0), 60);
+    let a = peer.handle(trained(5.0), 70);
+    let w = set_model(&a).unwrap();
+    assert!(w.iter().all(|x| (x - 4.0).abs() < 1e-6), "{w:?}");
+}
+
+#[test]
+fn braintorrent_merges_newer_peers_without_waiting() {
+    let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 2), None).unwrap();
+    assert!(trains(&s.handle(
+        Input::Start {
+            weights: vec![0.0; 4]
+        },
+        0
+    )));
+    // h2's model arrives while h1 trains; h3 is silent.
+    s.handle(model("h2", Purpose::Gossip, 0, 1, 30, 5.0), 5);
+    let a = s.handle(trained(1.0), 10);
+    assert!(matches!(
+        a[0],
+        Action::Publish {
+            purpose: Purpose::Gossip,
+            model_version: 1,
+            retain: true,
+            ..
+        }
+    ));
+    let w = set_model(&a).expect("merged with h2");
+    assert!((w[0] - 4.0).abs() < 1e-6, "{w:?}");
+    assert!(trains(&a), "did not wait for h3");
+    assert_eq!(s.versions_seen().get("h2"), Some(&1));
+    assert_eq!(s.versions_seen().get("h1"), Some(&1));
+    // The same version again is not merged twice; an older one is ignored.
+    s.handle(model("h2", Purpose::Gossip, 0, 1, 30, 5.0), 11);
+    // Presence announcing a version we lack → Pull once.
+    let p = Input::Presence {
+        site: "h3".into(),
+        status: PeerStatus::Training,
+        model_version: 2,
+        round: 2,
+    };
+    let a = s.handle(p.clone(), 12);
+    assert_eq!(
+        a,
+        vec![Action::Pull {
+            from: "h3".into(),
+            have_version: 0
+        }]
+    );
+    assert!(s.handle(p, 13).is_empty());
+    // Last round: merges h3, then waits for h2's final model.
+    s.handle(model("h3", Purpose::Gossip, 1, 2, 10, 7.0), 14);
+    let a = s.handle(trained(1.0), 20);
+    let w = set_model(&a).unwrap();
+    assert!((w[0] - 4.0).abs() < 1e-6, "{w:?}"); // (10·1 + 10·7) / 20
+    assert!(!s.finished());
+    s.handle(
+        Input::Presence {
+            site: "h2".into(),
+            status: PeerStatus::Idle,
+            model_version: 2,
+            round: 2,
+        },
+        21,
+    );
+    let a = s.handle(model("h2", Purpose::Gossip, 1, 2, 30, 8.0), 22);
+    assert!(set_model(&a).is_some());
+    assert_eq!(a.last(), Some(&Action::Finished));
+    // A restart restores the version vector.
+    let saved = s.snapshot();
+    let r = build(StrategyKind::BrainTorrent, ctx("h1", 2), Some(&saved)).unwrap();
+    assert_eq!(r.versions_seen(), s.versions_seen());
+    assert!(r.finished());
+}
+
+#[test]
+fn braintorrent_final_average_is_one_shared_model_in_any_arrival_order() {
+    // Regression: merging each final model as it arrived left h3 (5 cases) with 3/4 of
+    // whichever peer came last, and every site with another model.
+    let (samples, value) = ([40u64, 15, 5], [1.0f32, 2.0, 7.0]);
+    let sites = ["h1", "h2", "h3"];
+    let want = (40.0 * 1.0 + 15.0 * 2.0 + 5.0 * 7.0) / 60.0;
+    // Per site: the peers whose final model arrives while it trains, then the rest in order.
+    let orders: [(&[usize], &[usize]); 3] = [(&[], &[2, 1]), (&[2], &[0]), (&[], &[1, 0])];
+    let mut finals = Vec::new();
+    for (i, (before, after)) in orders.iter().enumerate() {
+        let mut c = ctx(sites[i], 1);
+        c.samples = samples[i];
+        let mut s = build(StrategyKind::BrainTorrent, c, None).unwrap();
+        s.handle(
+            Input::Start {
+                weights: vec![0.0; 4],
+            },
+            0,
+        );
+        let peer = |j: usize| model(sites[j], Purpose::Gossip, 0, 1, samples[j], value[j]);
+        for &j in before.iter() {
+            assert!(s.handle(peer(j), 1).is_empty());
+        }
+        for j in (0..3).filter(|&j| j != i) {
+            s.handle(
+                Input::Presence {
+                    site: sites[j].into(),
+                    status: PeerStatus::Idle,
+                    model_version: 1,
+                    round: 1,
+                },
+                2,
+            );
+        }
+        let mut last = s.handle(trained(value[i]), 3);
+        for &j in after.iter() {
+            assert!(
+                !s.finished(),
+                "{} finished before {}'s model",
+                sites[i],
+                sites[j]
+            );
+            last = s.handle(peer(j), 4);
+        }
+        assert!(s.finished());
+        assert_eq!(last.last(), Some(&Action::Finished));
+        let w = set_model(&last).expect("a final average");
+        assert!(
+            (w[0] - want).abs() < 1e-6,
+            "{}: {w:?}, want {want}",
+            sites[i]
+        );
+        let seen = s.versions_seen();
+        assert!(sites.iter().all(|h| seen.get(*h) == Some(&1)), "{seen:?}");
+        finals.push(w);
+    }
+    assert_eq!(finals[0], finals[1]);
+    assert_eq!(finals[0], finals[2]);
+}
+
+#[test]
+fn braintorrent_gives_up_on_a_dead_peer() {
+    let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 1), None).unwrap();
+    s.handle(
+        Input::Start {
+            weights: vec![0.0; 4],
+        },
+        0,
+    );
+    s.handle(trained(1.0), 100);
+    assert!(!s.finished());
+    assert!(s.handle(Input::Tick, 5_000).is_empty());
+    let a = s.handle(Input::Tick, 10_100);
+    assert_eq!(a.last(), Some(&Action::Finished));
+}
+
+#[test]
+fn ciil_token_goes_round_the_ring() {
+    let rounds = 2;
+    let mut sites: Vec<Box<dyn Strategy>> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|s| build(StrategyKind::Ciil, ctx(s, rounds), None).unwrap())
+        .collect();
+    let starts: Vec<bool> = sites
+        .iter_mut()
+        .map(|s| trains(&s.handle(Input::Start { weights: vec![] }, 0)))
+        .collect();
+    assert_eq!(starts, vec![true, false, false]);
+    // Simulate: the holder trains (adds 1 to the model), publishes, everyone receives.
+    let mut holder = 0usize;
+    let mut value = 0.0f32;
+    for position in 0..(rounds * 3) {
+        value += 1.0;
+        let a = sites[holder].handle(trained(value), position);
+        let (round, w) = a
+            .iter()
+            .find_map(|a| match a {
+                Action::Publish {
+                    purpose: Purpose::Token,
+                    round,
+                    weights,
+                    ..
+                } => Some((*round, weights.clone())),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(round, position);
+        let origin = ["h1", "h2", "h3"][holder];
+        let mut next = None;
+        for (i, s) in sites.iter_mut().enumerate() {
+            if i == holder {
+                continue;
+            }
+            let a = s.handle(
+                model(origin, Purpose::Token, round, round + 1, 10, w[0]),
+                position,
+            );
+            if trains(&a) {
+                assert!(next.is_none());
+                next = Some(i);
+            }
+            if position + 1 < rounds * 3 {
+                assert_eq!(set_model(&a), Some(w.clone()));
+            }
+        }
+        if position + 1 < rounds * 3 {
+            assert_eq!(next, Some((holder + 1) % 3));
+            holder = (holder + 1) % 3;
+        } else {
+            assert!(next.is_none());
+        }
+    }
+    assert!(sites.iter().all(|s| s.finished()));
+    // A token from the wrong holder is ignored.
+    let mut s = build(StrategyKind::Ciil, ctx("h2", 2), None).unwrap();
+    s.handle(Input::Start { weights: vec![] }, 0);
+    assert!(!trains(
+        &s.handle(model("h3", Purpose::Token, 0, 1, 10, 1.0), 0)
+    ));
+}
+
+#[test]
+fn iil_passes_its_best_after_patience() {
+    let mut h1 = build(StrategyKind::Iil, ctx("h1", 10), None).unwrap();
+    let mut h2 = build(StrategyKind::Iil, ctx("h2", 10), None).unwrap();
+    assert!(trains(&h1.handle(
+        Input::Start {
+            weights: vec![0.0; 4]
+        },
+        0
+    )));
+    assert!(!trains(&h2.handle(
+        Input::Start {
+            weights: vec![0.0; 4]
+        },
+        0
+    )));
+    let scored = |v: f32, d: f64| Input::Trained {
+        weights: vec![v; 4],
+        score: Some(d),
+        loss: 0.5,
+    };
+    assert!(trains(&h1.handle(scored(1.0, 0.5), 1)));
+    assert!(trains(&h1.handle(scored(2.0, 0.7), 2)));
+    assert!(trains(&h1.handle(scored(3.0, 0.6), 3)));
+    let a = h1.handle(scored(4.0, 0.65), 4);
+    assert!(!trains(&a));
+    let passed = a
+        .iter()
+        .find_map(|a| match a {
+            Action::Publish {
+                weights, round: 0, ..
+            } => Some(weights.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(passed, vec![2.0; 4], "passes the best, not the last");
+    assert!(a.contains(&Action::PassToken {
+        next: "h2".into(),
+        cycle: 0,
+        position: 1
+    }));
+    let a = h2.handle(model("h1", Purpose::Token, 0, 1, 10, 2.0), 5);
+    assert_eq!(set_model(&a), Some(vec![2.0; 4]));
+    assert!(trains(&a));
+    // h1 adopts the last site's model and finishes.
+    let a = h1.handle(model("h3", Purpose::Token, 2, 3, 10, 9.0), 6);
+    assert_eq!(a, vec![Action::SetModel(vec![9.0; 4]), Action::Finished]);
+}

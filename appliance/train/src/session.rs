@@ -1,0 +1,471 @@
+//! An incremental trainer for federation: the same model, optimiser and data as [`super::train`],
+//! driven a few steps at a time by a strategy that replaces the weights between rounds.
+//!
+//! A [`Session`] keeps one AdamW optimiser for its whole life. The learning rate follows the run's
+//! schedule by the session's global step (rounds × steps per round stand for epochs × steps per
+//! epoch; [`Session::set_schedule_steps`] lengthens it for a personalisation phase), and batches derive from `(seed, global step)` exactly as in the local trainer. When a
+//! strategy installs a merged model with [`Session::set_weights`], the AdamW moments are **kept**:
+//! they describe the local loss surface of this site's data, which averaging does not change, and
+//! keeping them is what FedAvg with local adaptive optimisers (e.g. "FedAvg with local Adam" in
+//! Reddi et al., *Adaptive Federated Optimization*) does; resetting them would re-run the bias
+//! warm-up every round with a few dozen steps per round.
+//!
+//! The whole state (weights, optimiser moments, step and the caller's strategy state as JSON) is
+//! saved into the store's checkpoints with the same safetensors helpers the local trainer uses,
+//! so a killed appliance resumes where it stopped.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use super::data::{LabelledVolume, PreparedVolume, SliceSet};
+use super::eval::{score, CaseScore};
+use super::optim::AdamW;
+use super::trainer::{
+    epoch_order, load_weights, lr_at, pick_batch, train_step, weights_to_bytes, CheckpointSink,
+    RARE_SHARE,
+};
+use super::unet::{build, UNet};
+use super::{TrainConfig, TrainError};
+use cosilo_federation::weights::FlatWeights;
+
+/// Format number of a session checkpoint's metadata.
+const SESSION_FORMAT: u32 = 1;
+
+/// What a call to [`Session::steps`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepsReport {
+    /// Steps taken (fewer than asked when stopped).
+    pub steps: usize,
+    /// Mean total loss of those steps (NaN when none was taken).
+    pub mean_loss: f64,
+    /// The session's global step afterwards.
+    pub global_step: u64,
+    /// True when the stop flag ended the call early.
+    pub stopped: bool,
+}
+
+/// One step's progress, for a log or a progress bar.
+#[derive(Debug, Clone, Copy)]
+pub struct StepEvent {
+    pub global_step: u64,
+    pub loss: f32,
+}
+
+/// The metadata of a session checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SessionMeta {
+    format: u32,
+    /// The training configuration (the store's model loader reads this key too).
+    config: TrainConfig,
+    step: u64,
+    optimiser_step: u64,
+    /// Whatever the caller keeps with the model (a federation strategy's state).
+    strategy: serde_json::Value,
+}
+
+/// A site's model, optimiser and training data, trained a few steps at a time.
+pub struct Session {
+    cfg: TrainConfig,
+    device: Device,
+    net: UNet,
+    vars: VarMap,
+    opt: AdamW,
+    set: SliceSet,
+    cases: usize,
+    steps_per_epoch: usize,
+    total_steps: usize,
+    step: u64,
+}
+
+impl Session {
+    /// Builds the model (deterministic initial weights for the seed) and indexes the training
+    /// slices. `cfg.epochs × cfg.steps_per_epoch` is the length the learning-rate schedule spans.
+    pub fn new(
+        cfg: &TrainConfig,
+        train: &[LabelledVolume],
+        device: &Device,
+    ) -> Result<Session, TrainError> {
+        cfg.validate()?;
+        let mut set = SliceSet::new(
+            train
+                .iter()
+                .map(|v| PreparedVolume::new(v, &cfg.normalisation, &cfg.label_map))
+                .collect(),
+        );
+        set.mark_rare(cfg.model.classes, RARE_SHARE);
+        if set.is_empty() {
+            return Err(TrainError::NoData(
+                "no training slice contains a labelled voxel".into(),
+            ));
+        }
+        let (net, vars) = build(&cfg.model, device, cfg.seed)?;
+        let opt = AdamW::new(&vars, cfg.optimiser)?;
+        let steps_per_epoch = cfg.steps_per_epoch(set.len());
+        Ok(Session {
+            cfg: cfg.clone(),
+            device: device.clone(),
+            net,
+            vars,
+            opt,
+            cases: train.len(),
+            total_steps: steps_per_epoch * cfg.epochs,
+            steps_per_epoch,
+            set,
+            step: 0,
+        })
+    }
+
+    /// Sets the number of steps the learning-rate schedule spans (by default `cfg.epochs ×
+    /// cfg.steps_per_epoch`). Federation sets it to the rounds plus the personalisation steps so
+    /// that fine-tuning continues the same schedule instead of running at its floor. Not saved:
+    /// set it before [`Session::restore`] the same way on every start.
+    pub fn set_schedule_steps(&mut self, total: usize) {
+        self.total_steps = total.max(1);
+    }
+
+    /// The number of steps the learning-rate schedule spans.
+    pub fn schedule_steps(&self) -> usize {
+        self.total_steps
+    }
+
+    /// The training configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// The number of training cases: the weight of this site's model in an average.
+    pub fn samples(&self) -> u64 {
+        self.cases as u64
+    }
+
+    /// Labelled training slices.
+    pub fn slices(&self) -> usize {
+        self.set.len()
+    }
+
+    /// Steps taken so far.
+    pub fn global_step(&self) -> u64 {
+        self.step
+    }
+
+    /// The network (for evaluation or export).
+    pub fn net(&self) -> &UNet {
+        &self.net
+    }
+
+    /// The parameters.
+    pub fn vars(&self) -> &VarMap {
+        &self.vars
+    }
+
+    /// Trains `n` more steps, continuing the optimiser and the schedule. Checks `stop` before
+    /// every step; a stopped call returns after the step in progress with `stopped: true`.
+    pub fn steps(
+        &mut self,
+        n: usize,
+        on_event: &mut dyn FnMut(&StepEvent),
+        stop: &AtomicBool,
+    ) -> Result<StepsReport, TrainError> {
+        let mut sum = 0.0;
+        let mut done = 0;
+        let mut stopped = false;
+        let mut order_epoch = usize::MAX;
+        let mut order = Vec::new();
+        for _ in 0..n {
+            if stop.load(Ordering::SeqCst) {
+                stopped = true;
+                break;
+            }
+            let global = self.step as usize;
+            let epoch = global / self.steps_per_epoch;
+            let in_epoch = global % self.steps_per_epoch;
+            if epoch != order_epoch {
+                order = epoch_order(&self.cfg, self.set.len(), epoch);
+                order_epoch = epoch;
+            }
+            self.opt.set_lr(lr_at(&self.cfg, global, self.total_steps));
+            let batch = pick_batch(&self.cfg, &self.set, &order, global, in_epoch);
+            let loss = train_step(
+                &self.cfg,
+                &self.net,
+                &mut self.opt,
+                &self.set,
+                batch,
+                &self.device,
+            )?;
+            if !loss.total.is_finite() {
+                return Err(TrainError::Diverged {
+                    epoch,
+                    step: in_epoch,
+                });
+            }
+            self.step += 1;
+            sum += loss.total as f64;
+            done += 1;
+            on_event(&StepEvent {
+                global_step: self.step,
+                loss: loss.total,
+            });
+        }
+        Ok(StepsReport {
+            steps: done,
+            mean_loss: if done == 0 {
+                f64::NAN
+            } else {
+                sum / done as f64
+            },
+            global_step: self.step,
+            stopped,
+        })
+    }
+
+    /// The current parameters, flattened in name order.
+    pub fn weights(&self) -> Result<FlatWeights, TrainError> {
+        Ok(crate::flat::flatten(&self.vars)?)
+    }
+
+    /// Installs parameters (a merged or received model). The AdamW moments are kept (see the
+    /// module documentation). Refuses a model of another architecture.
+    pub fn set_weights(&mut self, w: &FlatWeights) -> Result<(), TrainError> {
+        Ok(crate::flat::apply(w, &self.vars)?)
+    }
+
+    /// Scores the current model on volumes (3-D Dice per class per case).
+    pub fn evaluate(&self, volumes: &[LabelledVolume]) -> Result<Vec<CaseScore>, TrainError> {
+        volumes
+            .iter()
+            .map(|v| {
+                let p = PreparedVolume::new(v, &self.cfg.normalisation, &self.cfg.label_map);
+                Ok(score(&self.net, &p, &self.device)?)
+            })
+            .collect()
+    }
+
+    /// Saves weights, optimiser moments, step and `strategy` (the caller's state) as checkpoint
+    /// run `run`; durable when this returns. Returns the checkpoint's sequence number.
+    pub fn save(
+        &self,
+        sink: &dyn CheckpointSink,
+        run: &str,
+        strategy: &serde_json::Value,
+    ) -> Result<u64, TrainError> {
+        let meta = SessionMeta {
+            format: SESSION_FORMAT,
+            config: self.cfg.clone(),
+            step: self.step,
+            optimiser_step: self.opt.step,
+            strategy: strategy.clone(),
+        };
+        let meta =
+            serde_json::to_value(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        let bytes = weights_to_bytes(&self.vars, Some(&self.opt))?;
+        sink.save(run, &meta, &bytes)
+            .map_err(TrainError::Checkpoint)
+    }
+
+    /// Restores the newest checkpoint of `run` if there is one, returning the strategy state
+    /// saved with it (`None`: nothing saved yet, the session is unchanged). A checkpoint made with
+    /// another training configuration is refused.
+    pub fn restore(
+        &mut self,
+        sink: &dyn CheckpointSink,
+        run: &str,
+    ) -> Result<Option<serde_json::Value>, TrainError> {
+        let Some((meta, bytes)) = sink.latest(run).map_err(TrainError::Checkpoint)? else {
+            return Ok(None);
+        };
+        let meta: SessionMeta = serde_json::from_value(meta).map_err(|e| {
+            TrainError::Checkpoint(format!("unreadable session checkpoint of {run:?}: {e}"))
+        })?;
+        if meta.format != SESSION_FORMAT {
+            return Err(TrainError::Checkpoint(format!(
+                "session checkpoint format {} is unknown",
+                meta.format
+            )));
+        }
+        if meta.config != self.cfg {
+            return Err(TrainError::ConfigChanged(run.to_string()));
+        }
+        let tensors = load_weights(&self.vars, &bytes, &self.device)?;
+        self.opt.restore(&tensors, meta.optimiser_step)?;
+        self.step = meta.step;
+        Ok(Some(meta.strategy))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::tests::MemorySink;
+    use crate::{Augment, UNetConfig};
+    use cosilo_rng::Rng;
+    use cosilo_sdk::volume::{Geometry, Volume};
+
+    fn toy_volume(seed: u64) -> LabelledVolume {
+        let mut rng = Rng::new(seed);
+        let g = Geometry::axis_aligned([16, 16, 4], [1.0; 3], [0.0; 3]);
+        let (cx, cy) = (rng.range(6.0, 10.0), rng.range(6.0, 10.0));
+        let mut image = Volume::filled(g.clone(), 0f32);
+        let mut label = Volume::filled(g, 0u8);
+        for k in 0..4 {
+            for j in 0..16 {
+                for i in 0..16 {
+                    let r = ((i as f64 - cx).powi(2) + (j as f64 - cy).powi(2)).sqrt();
+                    let idx = i + 16 * (j + 16 * k);
+                    let (c, v) = if r < 4.0 { (1, 1.0) } else { (0, 0.05) };
+                    label.data[idx] = c;
+                    image.data[idx] = v + 0.05 * rng.normal() as f32;
+                }
+            }
+        }
+        LabelledVolume {
+            id: format!("toy{seed}"),
+            image,
+            label,
+        }
+    }
+
+    fn toy_config() -> TrainConfig {
+        TrainConfig {
+            model: UNetConfig {
+                in_channels: 1,
+                classes: 2,
+                base: 4,
+                depth: 2,
+                groups: 2,
+            },
+            label_map: vec![0, 1],
+            class_names: vec!["bg".into(), "disc".into()],
+            epochs: 3,
+            steps_per_epoch: 4,
+            batch_size: 2,
+            patch: [16, 16],
+            augment: Augment::default(),
+            checkpoint_every: 0,
+            oversample_rare: 0.0,
+            optimiser: crate::AdamWConfig {
+                lr: 1e-2,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn session_steps_match_the_local_trainer() {
+        // 12 session steps in pieces of 5, 3, 4 land on the weights of a 3 × 4-step local run.
+        let cfg = toy_config();
+        let data: Vec<_> = (0..2).map(toy_volume).collect();
+        let never = AtomicBool::new(false);
+        let mut s = Session::new(&cfg, &data, &Device::Cpu).unwrap();
+        assert_eq!(s.schedule_steps(), 12);
+        let mut seen = 0;
+        for n in [5, 3, 4] {
+            let r = s.steps(n, &mut |_| seen += 1, &never).unwrap();
+            assert_eq!(r.steps, n);
+            assert!(r.mean_loss.is_finite());
+        }
+        assert_eq!(seen, 12);
+        assert_eq!(s.global_step(), 12);
+        let local = crate::train(
+            &cfg,
+            "x",
+            &data,
+            &[],
+            &MemorySink::default(),
+            &Device::Cpu,
+            &mut |_| {},
+            &never,
+        )
+        .unwrap();
+        let a = s.weights().unwrap();
+        let b = crate::flat::flatten(&local.vars).unwrap();
+        assert_eq!(a.data.len(), b.data.len());
+        let diff = a
+            .data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "session and trainer differ by {diff}");
+
+        // A longer schedule (room for personalisation steps) keeps the learning rate higher, so
+        // the same 12 steps land elsewhere; they match a local run whose schedule is as long.
+        let mut longer = Session::new(&cfg, &data, &Device::Cpu).unwrap();
+        longer.set_schedule_steps(16);
+        longer.steps(12, &mut |_| {}, &never).unwrap();
+        let c = longer.weights().unwrap();
+        let moved = a
+            .data
+            .iter()
+            .zip(&c.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            moved > 1e-4,
+            "the schedule length changed nothing ({moved})"
+        );
+        let mut cfg16 = cfg.clone();
+        cfg16.epochs = 4;
+        let mut by_epochs = Session::new(&cfg16, &data, &Device::Cpu).unwrap();
+        assert_eq!(by_epochs.schedule_steps(), 16);
+        by_epochs.steps(12, &mut |_| {}, &never).unwrap();
+        assert_eq!(by_epochs.weights().unwrap().data, c.data);
+    }
+
+    #[test]
+    fn save_restore_set_weights_and_stop() {
+        let cfg = toy_config();
+        let data: Vec<_> = (0..2).map(toy_volume).collect();
+        let never = AtomicBool::new(false);
+        let sink = MemorySink::default();
+        let mut a = Session::new(&cfg, &data, &Device::Cpu).unwrap();
+        assert_eq!(a.samples(), 2);
+        a.steps(3, &mut |_| {}, &never).unwrap();
+        let state = serde_json::json!({"round": 3});
+        a.save(&sink, "fed", &state).unwrap();
+        a.steps(2, &mut |_| {}, &never).unwrap();
+
+        let mut b = Session::new(&cfg, &data, &Device::Cpu).unwrap();
+        assert_eq!(b.restore(&sink, "fed").unwrap(), Some(state));
+        assert_eq!(b.global_step(), 3);
+        b.steps(2, &mut |_| {}, &never).unwrap();
+        let (wa, wb) = (a.weights().unwrap(), b.weights().unwrap());
+        let diff = wa
+            .data
+            .iter()
+            .zip(&wb.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-6, "resumed session differs by {diff}");
+
+        // set_weights installs exactly the given model.
+        let mut w = wa.clone();
+        for x in &mut w.data {
+            *x *= 0.5;
+        }
+        b.set_weights(&w).unwrap();
+        assert_eq!(b.weights().unwrap().data, w.data);
+        let scores = b.evaluate(&data[..1]).unwrap();
+        assert_eq!(scores.len(), 1);
+        assert_eq!(scores[0].dice.len(), 2);
+
+        // A raised stop flag ends the call before any step.
+        let stop = AtomicBool::new(true);
+        let r = b.steps(4, &mut |_| {}, &stop).unwrap();
+        assert!(r.stopped);
+        assert_eq!(r.steps, 0);
+
+        // Another configuration's checkpoint is refused.
+        let mut other = cfg.clone();
+        other.seed = 99;
+        let mut c = Session::new(&other, &data, &Device::Cpu).unwrap();
+        assert!(matches!(
+            c.restore(&sink, "fed"),
+            Err(TrainError::ConfigChanged(_))
+        ));
+    }
+}
