@@ -50,7 +50,7 @@ pub enum TrainError {
     #[error("run {0:?} has a checkpoint made with a different configuration; start a new run name or remove it")]
     ConfigChanged(String),
     #[error("model weights: {0}")]
-    Weights(#[from] flat::FlatError),
+    Weights(#[from] Box<flat::FlatError>),
     #[error("training diverged (non-finite loss) at epoch {epoch}, step {step}")]
     Diverged { epoch: usize, step: usize },
 }

@@ -224,13 +224,13 @@ impl Session {
 
     /// The current parameters, flattened in name order.
     pub fn weights(&self) -> Result<FlatWeights, TrainError> {
-        Ok(crate::flat::flatten(&self.vars)?)
+        crate::flat::flatten(&self.vars).map_err(|e| Box::new(e).into())
     }
 
     /// Installs parameters (a merged or received model). The AdamW moments are kept (see the
     /// module documentation). Refuses a model of another architecture.
     pub fn set_weights(&mut self, w: &FlatWeights) -> Result<(), TrainError> {
-        Ok(crate::flat::apply(w, &self.vars)?)
+        crate::flat::apply(w, &self.vars).map_err(|e| Box::new(e).into())
     }
 
     /// Scores the current model on volumes (3-D Dice per class per case).
