@@ -15,7 +15,7 @@ use cosilo_lab::chart::{LineChart, Series};
 use cosilo_store::{Split, Store, StoreError};
 use cosilo_train::data::{LabelledVolume, PreparedVolume};
 use cosilo_train::eval::{mean_per_class, score, CaseScore};
-use cosilo_train::trainer::{load_weights, CheckpointSink, EpochRecord};
+use cosilo_train::trainer::{load_weights, CheckpointSink, EpochRecord, LocalProgress};
 use cosilo_train::{unet, TrainConfig, TrainError, TrainEvent, UNet};
 
 /// Errors of the site pipeline.
@@ -304,11 +304,7 @@ pub fn export_run(
         .latest_checkpoint(run)?
         .ok_or_else(|| LocalError::NoRun(run.to_string()))?;
     let (_, vars, cfg) = load_model(store, run, device)?;
-    let history: Vec<EpochRecord> = meta
-        .get("history")
-        .cloned()
-        .and_then(|h| serde_json::from_value(h).ok())
-        .unwrap_or_default();
+    let history = LocalProgress::history_of(&meta);
     let mut sites = std::collections::BTreeSet::new();
     let train_ids = store.case_ids(Some(Split::Train))?;
     for id in &train_ids {

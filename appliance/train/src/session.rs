@@ -1,5 +1,6 @@
-//! An incremental trainer for federation: the same model, optimiser and data as [`super::train`],
-//! driven a few steps at a time by a strategy that replaces the weights between rounds.
+//! The one training driver: a site's model, optimiser and data, trained a few steps at a time.
+//! Local training ([`super::train`]) runs epochs of steps over a session; federation strategies
+//! drive it a round at a time and replace the weights between rounds.
 //!
 //! A [`Session`] keeps one AdamW optimiser for its whole life. The learning rate follows the run's
 //! schedule by the session's global step (rounds × steps per round stand for epochs × steps per
@@ -25,7 +26,7 @@ use super::eval::{score, CaseScore};
 use super::optim::AdamW;
 use super::trainer::{
     epoch_order, load_weights, lr_at, pick_batch, train_step, weights_to_bytes, CheckpointSink,
-    RARE_SHARE,
+    EpochRecord, TrainOutcome, RARE_SHARE,
 };
 use super::unet::{build, UNet};
 use super::{TrainConfig, TrainError};
@@ -51,7 +52,10 @@ pub struct StepsReport {
 #[derive(Debug, Clone, Copy)]
 pub struct StepEvent {
     pub global_step: u64,
+    /// The step's total loss and its two terms.
     pub loss: f32,
+    pub cross_entropy: f32,
+    pub dice_loss: f32,
 }
 
 /// The metadata of a session checkpoint.
@@ -146,6 +150,27 @@ impl Session {
         self.set.len()
     }
 
+    /// Steps in one epoch (one pass over the labelled slices, or the configured count).
+    pub fn steps_per_epoch(&self) -> usize {
+        self.steps_per_epoch
+    }
+
+    /// Ends the session, handing its model to the caller.
+    pub fn into_outcome(
+        self,
+        history: Vec<EpochRecord>,
+        final_scores: Vec<CaseScore>,
+        finished: bool,
+    ) -> TrainOutcome {
+        TrainOutcome {
+            net: self.net,
+            vars: self.vars,
+            history,
+            final_scores,
+            finished,
+        }
+    }
+
     /// Steps taken so far.
     pub fn global_step(&self) -> u64 {
         self.step
@@ -208,6 +233,8 @@ impl Session {
             on_event(&StepEvent {
                 global_step: self.step,
                 loss: loss.total,
+                cross_entropy: loss.cross_entropy,
+                dice_loss: loss.dice_loss,
             });
         }
         Ok(StepsReport {

@@ -6,7 +6,7 @@
 //! checkpoint therefore sees exactly the batches it would have seen without the interruption.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -17,7 +17,8 @@ use super::data::{LabelledVolume, PreparedVolume, SliceSet};
 use super::eval::{mean_per_class, score, CaseScore};
 use super::loss::{dice_cross_entropy, one_hot};
 use super::optim::AdamW;
-use super::unet::{build, UNet};
+use super::session::{Session, StepEvent};
+use super::unet::UNet;
 use super::{TrainConfig, TrainError};
 use cosilo_rng::Rng;
 
@@ -78,21 +79,29 @@ pub struct TrainOutcome {
     pub finished: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CheckpointMeta {
-    format: u32,
-    config: TrainConfig,
-    /// The epoch in progress and the steps of it already done.
-    epoch: usize,
-    step_in_epoch: usize,
-    optimiser_step: u64,
-    history: Vec<EpochRecord>,
+/// What a local run keeps with its session checkpoint (the `strategy` state of
+/// [`Session::save`]): one checkpoint format serves local runs and federation alike.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LocalProgress {
+    /// Completed epochs.
+    pub epoch: usize,
+    pub history: Vec<EpochRecord>,
     /// Partial sums of the epoch in progress: (loss, ce, dice_loss, steps).
-    partial: (f64, f64, f64, usize),
-    finished: bool,
+    pub partial: (f64, f64, f64, usize),
+    pub finished: bool,
 }
 
-const CHECKPOINT_FORMAT: u32 = 1;
+impl LocalProgress {
+    /// The epoch history recorded in a checkpoint's metadata (empty when it has none, e.g. a
+    /// federation session's checkpoint).
+    pub fn history_of(meta: &serde_json::Value) -> Vec<EpochRecord> {
+        meta.get("strategy")
+            .and_then(|s| s.get("history"))
+            .cloned()
+            .and_then(|h| serde_json::from_value(h).ok())
+            .unwrap_or_default()
+    }
+}
 
 /// A class under this share of the labelled voxels counts as rare for oversampling.
 pub(crate) const RARE_SHARE: f64 = 0.05;
@@ -226,7 +235,9 @@ pub(crate) fn lr_at(cfg: &TrainConfig, global_step: usize, total: usize) -> f64 
     base * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
 }
 
-/// Trains (or resumes) run `run` on `train`, scoring on `val` after every epoch.
+/// Trains (or resumes) run `run` on `train`, scoring on `val` after every epoch: epochs of steps
+/// over one [`Session`], so local training and federation share one driver and one checkpoint
+/// format.
 ///
 /// Checkpoints go to `sink` every `cfg.checkpoint_every` steps, at every epoch end, and when
 /// `stop` becomes true (then the function returns with `finished: false`).
@@ -241,153 +252,88 @@ pub fn train(
     on_event: &mut dyn FnMut(&TrainEvent),
     stop: &AtomicBool,
 ) -> Result<TrainOutcome, TrainError> {
-    cfg.validate()?;
-    let prep = |v: &LabelledVolume| PreparedVolume::new(v, &cfg.normalisation, &cfg.label_map);
-    let mut set = SliceSet::new(train.iter().map(prep).collect());
-    set.mark_rare(cfg.model.classes, RARE_SHARE);
-    if set.is_empty() {
-        return Err(TrainError::NoData(
-            "no training slice contains a labelled voxel".into(),
-        ));
-    }
-    let val: Vec<PreparedVolume> = val.iter().map(prep).collect();
-    let (net, vars) = build(&cfg.model, device, cfg.seed)?;
-    let mut opt = AdamW::new(&vars, cfg.optimiser)?;
-
-    let steps_per_epoch = cfg.steps_per_epoch(set.len());
-    let total = steps_per_epoch * cfg.epochs;
-    let mut epoch = 0;
-    let mut start_step = 0;
-    let mut history = Vec::new();
-    let mut partial = (0.0, 0.0, 0.0, 0usize);
-
-    if let Some((meta, bytes)) = sink.latest(run).map_err(TrainError::Checkpoint)? {
-        let meta: CheckpointMeta = serde_json::from_value(meta)
-            .map_err(|e| TrainError::Checkpoint(format!("unreadable checkpoint metadata: {e}")))?;
-        if meta.format != CHECKPOINT_FORMAT {
-            return Err(TrainError::Checkpoint(format!(
-                "checkpoint format {} is unknown",
-                meta.format
-            )));
-        }
-        if meta.config != *cfg {
-            return Err(TrainError::ConfigChanged(run.to_string()));
-        }
-        let tensors = load_weights(&vars, &bytes, device)?;
-        opt.restore(&tensors, meta.optimiser_step)?;
-        epoch = meta.epoch;
-        start_step = meta.step_in_epoch;
-        history = meta.history;
-        partial = meta.partial;
+    let mut session = Session::new(cfg, train, device)?;
+    let val: Vec<PreparedVolume> = val
+        .iter()
+        .map(|v| PreparedVolume::new(v, &cfg.normalisation, &cfg.label_map))
+        .collect();
+    let spe = session.steps_per_epoch();
+    let mut progress = LocalProgress::default();
+    if let Some(state) = session.restore(sink, run)? {
+        progress = serde_json::from_value(state)
+            .map_err(|e| TrainError::Checkpoint(format!("unreadable progress of {run:?}: {e}")))?;
         on_event(&TrainEvent::Resumed {
-            epoch,
-            step_in_epoch: start_step,
+            epoch: progress.epoch,
+            step_in_epoch: session.global_step() as usize - progress.epoch * spe,
         });
-        if meta.finished {
-            let final_scores = val
-                .iter()
-                .map(|v| score(&net, v, device))
-                .collect::<Result<_, _>>()?;
-            return Ok(TrainOutcome {
-                net,
-                vars,
-                history,
-                final_scores,
-                finished: true,
-            });
-        }
+    }
+    let scores = |s: &Session| -> Result<Vec<CaseScore>, TrainError> {
+        val.iter().map(|v| Ok(score(s.net(), v, device)?)).collect()
+    };
+    if progress.finished {
+        let final_scores = scores(&session)?;
+        return Ok(session.into_outcome(progress.history, final_scores, true));
     }
     on_event(&TrainEvent::Started {
-        total_steps: total,
-        slices: set.len(),
-        parameters: UNet::parameter_count(&vars),
+        total_steps: spe * cfg.epochs,
+        slices: session.slices(),
+        parameters: UNet::parameter_count(session.vars()),
     });
-
-    let save = |opt: &AdamW,
-                epoch: usize,
-                step_in_epoch: usize,
-                history: &[EpochRecord],
-                partial: (f64, f64, f64, usize),
-                finished: bool|
-     -> Result<u64, TrainError> {
-        let meta = CheckpointMeta {
-            format: CHECKPOINT_FORMAT,
-            config: cfg.clone(),
-            epoch,
-            step_in_epoch,
-            optimiser_step: opt.step,
-            history: history.to_vec(),
-            partial,
-            finished,
-        };
-        let meta =
-            serde_json::to_value(&meta).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-        let bytes = weights_to_bytes(&vars, Some(opt))?;
-        sink.save(run, &meta, &bytes)
-            .map_err(TrainError::Checkpoint)
+    let save = |s: &Session, p: &LocalProgress| -> Result<u64, TrainError> {
+        let state = serde_json::to_value(p).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        s.save(sink, run, &state)
     };
-
     let mut final_scores = Vec::new();
-    while epoch < cfg.epochs {
+    while progress.epoch < cfg.epochs {
         let t0 = Instant::now();
-        let order = epoch_order(cfg, set.len(), epoch);
-        for step in start_step..steps_per_epoch {
-            if stop.load(Ordering::SeqCst) {
-                let seq = save(&opt, epoch, step, &history, partial, false)?;
+        let epoch = progress.epoch;
+        loop {
+            let done = session.global_step() as usize - epoch * spe;
+            if done == spe {
+                break;
+            }
+            // Train up to the next checkpoint boundary (or the epoch's end).
+            let next = match cfg.checkpoint_every {
+                0 => spe,
+                every => spe.min((done / every + 1) * every),
+            };
+            let partial = &mut progress.partial;
+            let report = session.steps(
+                next - done,
+                &mut |e: &StepEvent| {
+                    partial.0 += e.loss as f64;
+                    partial.1 += e.cross_entropy as f64;
+                    partial.2 += e.dice_loss as f64;
+                    partial.3 += 1;
+                    on_event(&TrainEvent::Step {
+                        epoch,
+                        step_in_epoch: e.global_step as usize - epoch * spe,
+                        steps_per_epoch: spe,
+                        loss: e.loss,
+                    });
+                },
+                stop,
+            )?;
+            let at = session.global_step() as usize - epoch * spe;
+            if report.stopped || at < spe {
+                let seq = save(&session, &progress)?;
                 on_event(&TrainEvent::Checkpoint {
                     seq,
                     epoch,
-                    step_in_epoch: step,
-                });
-                return Ok(TrainOutcome {
-                    net,
-                    vars,
-                    history,
-                    final_scores,
-                    finished: false,
+                    step_in_epoch: at,
                 });
             }
-            let global = epoch * steps_per_epoch + step;
-            opt.set_lr(lr_at(cfg, global, total));
-            let batch = pick_batch(cfg, &set, &order, global, step);
-            let loss = train_step(cfg, &net, &mut opt, &set, batch, device)?;
-            let value = loss.total;
-            if !value.is_finite() {
-                return Err(TrainError::Diverged { epoch, step });
-            }
-            partial.0 += value as f64;
-            partial.1 += loss.cross_entropy as f64;
-            partial.2 += loss.dice_loss as f64;
-            partial.3 += 1;
-            on_event(&TrainEvent::Step {
-                epoch,
-                step_in_epoch: step + 1,
-                steps_per_epoch,
-                loss: value,
-            });
-            let done = step + 1;
-            if cfg.checkpoint_every > 0
-                && done % cfg.checkpoint_every == 0
-                && done < steps_per_epoch
-            {
-                let seq = save(&opt, epoch, done, &history, partial, false)?;
-                on_event(&TrainEvent::Checkpoint {
-                    seq,
-                    epoch,
-                    step_in_epoch: done,
-                });
+            if report.stopped {
+                return Ok(session.into_outcome(progress.history, final_scores, false));
             }
         }
-        final_scores = val
-            .iter()
-            .map(|v| score(&net, v, device))
-            .collect::<Result<_, _>>()?;
-        let n = partial.3.max(1) as f64;
+        final_scores = scores(&session)?;
+        let n = progress.partial.3.max(1) as f64;
         let record = EpochRecord {
             epoch,
-            loss: partial.0 / n,
-            cross_entropy: partial.1 / n,
-            dice_loss: partial.2 / n,
+            loss: progress.partial.0 / n,
+            cross_entropy: progress.partial.1 / n,
+            dice_loss: progress.partial.2 / n,
             val_dice: if val.is_empty() {
                 Vec::new()
             } else {
@@ -395,25 +341,19 @@ pub fn train(
             },
             seconds: t0.elapsed().as_secs_f64(),
         };
-        history.push(record.clone());
+        progress.history.push(record.clone());
         on_event(&TrainEvent::Epoch(record));
-        epoch += 1;
-        start_step = 0;
-        partial = (0.0, 0.0, 0.0, 0);
-        let seq = save(&opt, epoch, 0, &history, partial, epoch == cfg.epochs)?;
+        progress.epoch += 1;
+        progress.partial = (0.0, 0.0, 0.0, 0);
+        progress.finished = progress.epoch == cfg.epochs;
+        let seq = save(&session, &progress)?;
         on_event(&TrainEvent::Checkpoint {
             seq,
-            epoch,
+            epoch: progress.epoch,
             step_in_epoch: 0,
         });
     }
-    Ok(TrainOutcome {
-        net,
-        vars,
-        history,
-        final_scores,
-        finished: true,
-    })
+    Ok(session.into_outcome(progress.history, final_scores, true))
 }
 
 #[cfg(test)]
@@ -422,6 +362,7 @@ pub(crate) mod tests {
     use crate::{Augment, UNetConfig};
     use cosilo_sdk::volume::{Geometry, Volume};
     use std::cell::RefCell;
+    use std::sync::atomic::Ordering;
 
     /// Checkpoints in memory, for tests.
     #[derive(Default)]

@@ -186,7 +186,7 @@ fn published(actions: &[Action]) -> Vec<(u64, u64, Vec<f32>)> {
 
 #[test]
 fn fedavg_resends_its_round_update_to_a_joining_peer() {
-    // Regression (issue 3, bug 5): a round update published before a peer first connected
+    // Regression: a round update published before a peer first connected
     // never reached it (round updates are not retained), so it waited out the deadline.
     let mut s = build(StrategyKind::FedAvg, ctx("h1", 2), None).unwrap();
     s.handle(Input::Start { weights: vec![] }, 0);
@@ -223,7 +223,7 @@ fn fedavg_resends_its_round_update_to_a_joining_peer() {
 
 #[test]
 fn braintorrent_never_reuses_a_version_announced_before_a_restart() {
-    // Regression (issue 3, bug 3): h1 published v1 and v2, was killed with its checkpoint
+    // Regression: a restarted site reused version numbers. h1 published v1 and v2, was killed with its checkpoint
     // at v1, and republished another v2 that peers ignored (they hold a v2 of h1).
     let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 4), None).unwrap();
     s.handle(
