@@ -105,6 +105,14 @@ struct Slice {
     distance: f64,
 }
 
+/// Opens the DICOM file at `path`.
+pub(crate) fn open(path: &Path) -> Result<FileDicomObject<InMemDicomObject>, DicomError> {
+    dicom::object::open_file(path).map_err(|source| DicomError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
 pub(crate) fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
     let s = obj.get(tag)?.to_str().ok()?;
     let s = s.trim_end_matches('\0').trim();
@@ -204,18 +212,19 @@ pub fn read_series(files: &[PathBuf]) -> Result<SeriesVolume, DicomError> {
     }
     slices.sort_by(|a, b| a.distance.total_cmp(&b.distance));
     let step = check_spacing(&slices)?;
-    let (rows, cols) = (layout.rows as usize, layout.cols as usize);
+    let first = layout.first;
+    let (rows, cols) = (first.rows as usize, first.cols as usize);
     let data = decode_pixels(&slices, rows, cols)?;
-    let (r, c, _) = orientation_axes(first_path, layout.iop)?;
+    let (r, c, _) = orientation_axes(first_path, first.iop)?;
     let geometry = Geometry {
         dims: [cols, rows, slices.len()],
-        affine: ras_affine(r, c, layout.spacing, step, slices[0].position),
+        affine: ras_affine(r, c, first.spacing, step, slices[0].position),
     };
     let volume = Volume::new(geometry, data).map_err(|e| DicomError::PixelLayout {
         path: first_path.clone(),
         reason: e.to_string(),
     })?;
-    series_volume(volume, layout.series_uid, &slices)
+    series_volume(volume, first.series_uid, &slices)
 }
 
 /// What one instance's header says about its series and where it lies, before it is checked
@@ -237,10 +246,7 @@ struct InstanceHeader {
 fn read_instance(
     path: &Path,
 ) -> Result<(FileDicomObject<InMemDicomObject>, InstanceHeader), DicomError> {
-    let obj = dicom::object::open_file(path).map_err(|source| DicomError::Open {
-        path: path.to_path_buf(),
-        source: Box::new(source),
-    })?;
+    let obj = open(path)?;
     let series_uid = required(
         path,
         "SeriesInstanceUID",
@@ -300,56 +306,49 @@ fn read_instance(
 /// What every instance of the series shares, as the first instance gives it: the series, the
 /// orientation (and so the slice normal) and the grid.
 struct SeriesLayout {
-    series_uid: String,
-    iop: [f64; 6],
+    first: InstanceHeader,
     normal: [f64; 3],
-    rows: u32,
-    cols: u32,
-    spacing: [f64; 2],
 }
 
 impl SeriesLayout {
     /// The layout the first instance (at `path`) sets; its orientation must be usable.
-    fn of_first(path: &Path, h: InstanceHeader) -> Result<Self, DicomError> {
+    fn of_first(path: &Path, first: InstanceHeader) -> Result<Self, DicomError> {
         Ok(SeriesLayout {
-            normal: orientation_axes(path, h.iop)?.2,
-            series_uid: h.series_uid,
-            iop: h.iop,
-            rows: h.rows,
-            cols: h.cols,
-            spacing: h.spacing,
+            normal: orientation_axes(path, first.iop)?.2,
+            first,
         })
     }
 
     /// Refuses an instance of another series, orientation or grid.
     fn check(&self, path: &Path, h: InstanceHeader) -> Result<(), DicomError> {
-        if h.series_uid != self.series_uid {
+        let first = &self.first;
+        if h.series_uid != first.series_uid {
             return Err(DicomError::MixedSeries {
                 path: path.to_path_buf(),
-                expected: self.series_uid.clone(),
+                expected: first.series_uid.clone(),
                 found: h.series_uid,
             });
         }
         if h.iop
             .iter()
-            .zip(&self.iop)
+            .zip(&first.iop)
             .any(|(a, b)| (a - b).abs() > 1e-4)
         {
             return Err(DicomError::MixedOrientation {
                 path: path.to_path_buf(),
-                expected: self.iop,
+                expected: first.iop,
                 found: h.iop,
             });
         }
-        if (h.rows, h.cols) != (self.rows, self.cols) {
+        if (h.rows, h.cols) != (first.rows, first.cols) {
             return Err(DicomError::MixedGrid {
                 path: path.to_path_buf(),
                 what: "rows × columns",
-                expected: format!("{} × {}", self.rows, self.cols),
+                expected: format!("{} × {}", first.rows, first.cols),
                 found: format!("{} × {}", h.rows, h.cols),
             });
         }
-        let spacing = self.spacing;
+        let spacing = first.spacing;
         if (0..2).any(|a| (h.spacing[a] - spacing[a]).abs() > 1e-4 * spacing[a].max(1.0)) {
             return Err(DicomError::MixedGrid {
                 path: path.to_path_buf(),

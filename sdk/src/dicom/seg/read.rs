@@ -14,7 +14,7 @@ use dicom::object::{FileDicomObject, InMemDicomObject};
 
 use super::codes::{Code, SegmentDescription};
 use super::SEG_SOP_CLASS;
-use crate::dicom::series::{dot, fixed, floats, int, orientation_axes, text, SeriesVolume};
+use crate::dicom::series::{dot, fixed, floats, int, open, orientation_axes, text, SeriesVolume};
 use crate::dicom::{plane_geometry, DicomError};
 use crate::volume::Volume;
 
@@ -95,13 +95,6 @@ pub fn read_seg_segments(
             )
         })
         .collect())
-}
-
-fn open(path: &Path) -> Result<FileDicomObject<InMemDicomObject>, DicomError> {
-    dicom::object::open_file(path).map_err(|source| DicomError::Open {
-        path: path.to_path_buf(),
-        source: Box::new(source),
-    })
 }
 
 fn not_seg(path: &Path, reason: String) -> DicomError {
