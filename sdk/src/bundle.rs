@@ -11,10 +11,10 @@
 //! temporary directory that is renamed into place, so a reader sees a complete bundle or none.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use cosilo_hardware::durable;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -424,9 +424,11 @@ pub fn write(
     ));
     let result = (|| {
         fs::create_dir(&tmp).map_err(werr(&tmp))?;
-        write_synced(&tmp.join(MODEL_FILE), model)?;
-        write_synced(&tmp.join(MANIFEST_FILE), &manifest.to_json())?;
-        sync_dir(&tmp)?;
+        let model_path = tmp.join(MODEL_FILE);
+        durable::write_synced(&model_path, model).map_err(werr(&model_path))?;
+        let manifest_path = tmp.join(MANIFEST_FILE);
+        durable::write_synced(&manifest_path, &manifest.to_json()).map_err(werr(&manifest_path))?;
+        durable::sync_dir(&tmp).map_err(werr(&tmp))?;
         fs::rename(&tmp, dir).map_err(|source| match source.kind() {
             std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::AlreadyExists => {
                 BundleError::Exists {
@@ -438,31 +440,12 @@ pub fn write(
                 source,
             },
         })?;
-        sync_dir(&parent)
+        durable::sync_dir(&parent).map_err(werr(&parent))
     })();
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }
     result.map(|()| manifest)
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
-    let err = |source| BundleError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut f = fs::File::create(path).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), BundleError> {
-    fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| BundleError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })
 }
 
 /// `t` as RFC 3339 UTC with whole seconds, e.g. `2026-11-22T09:30:00Z`.

@@ -105,6 +105,14 @@ struct Slice {
     distance: f64,
 }
 
+/// Opens the DICOM file at `path`.
+pub(crate) fn open(path: &Path) -> Result<FileDicomObject<InMemDicomObject>, DicomError> {
+    dicom::object::open_file(path).map_err(|source| DicomError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
 pub(crate) fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
     let s = obj.get(tag)?.to_str().ok()?;
     let s = s.trim_end_matches('\0').trim();
@@ -185,113 +193,178 @@ pub fn read_series(files: &[PathBuf]) -> Result<SeriesVolume, DicomError> {
             path: PathBuf::new(),
         });
     };
+    let slice = |path: &PathBuf, obj, position, normal| Slice {
+        path: path.clone(),
+        obj,
+        position,
+        distance: dot(position, normal),
+    };
+    let (obj, header) = read_instance(first_path)?;
+    let position = header.position;
+    let layout = SeriesLayout::of_first(first_path, header)?;
     let mut slices = Vec::with_capacity(files.len());
-    let mut series_uid = String::new();
-    let mut iop0 = [0.0; 6];
-    let mut normal = [0.0; 3];
-    let mut grid0 = (0u32, 0u32, [0.0; 2]);
-    for (n, path) in files.iter().enumerate() {
-        let obj = dicom::object::open_file(path).map_err(|source| DicomError::Open {
-            path: path.clone(),
-            source: Box::new(source),
-        })?;
-        let uid = required(
-            path,
-            "SeriesInstanceUID",
-            text(&obj, tags::SERIES_INSTANCE_UID),
-        )?;
-        let frames = int(&obj, tags::NUMBER_OF_FRAMES).unwrap_or(1);
-        if frames > 1 {
-            return Err(DicomError::MultiFrame {
-                path: path.clone(),
-                frames: frames as u32,
-            });
-        }
-        let samples = int(&obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
-        if samples != 1 {
-            return Err(DicomError::NotGreyscale {
-                path: path.clone(),
-                samples: samples as u16,
-            });
-        }
-        let iop: [f64; 6] = fixed(
-            path,
-            "ImageOrientationPatient",
-            floats(&obj, tags::IMAGE_ORIENTATION_PATIENT),
-        )?;
-        let position: [f64; 3] = fixed(
-            path,
-            "ImagePositionPatient",
-            floats(&obj, tags::IMAGE_POSITION_PATIENT),
-        )?;
-        let spacing: [f64; 2] = fixed(path, "PixelSpacing", floats(&obj, tags::PIXEL_SPACING))?;
-        if spacing.iter().any(|&s| s <= 0.0) {
-            return Err(DicomError::BadAttribute {
-                path: path.clone(),
-                attribute: "PixelSpacing",
-                reason: format!("{spacing:?} is not positive"),
-            });
-        }
-        let rows = int(&obj, tags::ROWS).filter(|&r| r > 0);
-        let cols = int(&obj, tags::COLUMNS).filter(|&c| c > 0);
-        let (Some(rows), Some(cols)) = (rows, cols) else {
-            return Err(DicomError::MissingAttribute {
-                path: path.clone(),
-                attribute: "Rows/Columns",
-            });
-        };
-        let grid = (rows as u32, cols as u32, spacing);
-        if n == 0 {
-            series_uid = uid;
-            normal = orientation_axes(path, iop)?.2;
-            iop0 = iop;
-            grid0 = grid;
-        } else {
-            if uid != series_uid {
-                return Err(DicomError::MixedSeries {
-                    path: path.clone(),
-                    expected: series_uid,
-                    found: uid,
-                });
-            }
-            if iop.iter().zip(&iop0).any(|(a, b)| (a - b).abs() > 1e-4) {
-                return Err(DicomError::MixedOrientation {
-                    path: path.clone(),
-                    expected: iop0,
-                    found: iop,
-                });
-            }
-            if (grid.0, grid.1) != (grid0.0, grid0.1) {
-                return Err(DicomError::MixedGrid {
-                    path: path.clone(),
-                    what: "rows × columns",
-                    expected: format!("{} × {}", grid0.0, grid0.1),
-                    found: format!("{} × {}", grid.0, grid.1),
-                });
-            }
-            if (0..2).any(|a| (grid.2[a] - grid0.2[a]).abs() > 1e-4 * grid0.2[a].max(1.0)) {
-                return Err(DicomError::MixedGrid {
-                    path: path.clone(),
-                    what: "pixel spacing",
-                    expected: format!("{:?}", grid0.2),
-                    found: format!("{:?}", grid.2),
-                });
-            }
-        }
-        slices.push(Slice {
-            path: path.clone(),
-            obj,
-            position,
-            distance: dot(position, normal),
-        });
+    slices.push(slice(first_path, obj, position, layout.normal));
+    for path in &files[1..] {
+        let (obj, header) = read_instance(path)?;
+        let position = header.position;
+        layout.check(path, header)?;
+        slices.push(slice(path, obj, position, layout.normal));
     }
     slices.sort_by(|a, b| a.distance.total_cmp(&b.distance));
     let step = check_spacing(&slices)?;
+    let first = layout.first;
+    let (rows, cols) = (first.rows as usize, first.cols as usize);
+    let data = decode_pixels(&slices, rows, cols)?;
+    let (r, c, _) = orientation_axes(first_path, first.iop)?;
+    let geometry = Geometry {
+        dims: [cols, rows, slices.len()],
+        affine: ras_affine(r, c, first.spacing, step, slices[0].position),
+    };
+    let volume = Volume::new(geometry, data).map_err(|e| DicomError::PixelLayout {
+        path: first_path.clone(),
+        reason: e.to_string(),
+    })?;
+    series_volume(volume, first.series_uid, &slices)
+}
 
-    let (rows, cols, pixel_spacing) = (grid0.0 as usize, grid0.1 as usize, grid0.2);
-    let nz = slices.len();
-    let mut data = Vec::with_capacity(rows * cols * nz);
-    for s in &slices {
+/// What one instance's header says about its series and where it lies, before it is checked
+/// against the rest of the series.
+struct InstanceHeader {
+    series_uid: String,
+    /// ImageOrientationPatient.
+    iop: [f64; 6],
+    /// ImagePositionPatient.
+    position: [f64; 3],
+    rows: u32,
+    cols: u32,
+    /// PixelSpacing (between rows, between columns).
+    spacing: [f64; 2],
+}
+
+/// Opens the instance at `path` and reads its header, refusing multi-frame and colour images and
+/// missing or unusable geometry.
+fn read_instance(
+    path: &Path,
+) -> Result<(FileDicomObject<InMemDicomObject>, InstanceHeader), DicomError> {
+    let obj = open(path)?;
+    let series_uid = required(
+        path,
+        "SeriesInstanceUID",
+        text(&obj, tags::SERIES_INSTANCE_UID),
+    )?;
+    let frames = int(&obj, tags::NUMBER_OF_FRAMES).unwrap_or(1);
+    if frames > 1 {
+        return Err(DicomError::MultiFrame {
+            path: path.to_path_buf(),
+            frames: frames as u32,
+        });
+    }
+    let samples = int(&obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
+    if samples != 1 {
+        return Err(DicomError::NotGreyscale {
+            path: path.to_path_buf(),
+            samples: samples as u16,
+        });
+    }
+    let iop: [f64; 6] = fixed(
+        path,
+        "ImageOrientationPatient",
+        floats(&obj, tags::IMAGE_ORIENTATION_PATIENT),
+    )?;
+    let position: [f64; 3] = fixed(
+        path,
+        "ImagePositionPatient",
+        floats(&obj, tags::IMAGE_POSITION_PATIENT),
+    )?;
+    let spacing: [f64; 2] = fixed(path, "PixelSpacing", floats(&obj, tags::PIXEL_SPACING))?;
+    if spacing.iter().any(|&s| s <= 0.0) {
+        return Err(DicomError::BadAttribute {
+            path: path.to_path_buf(),
+            attribute: "PixelSpacing",
+            reason: format!("{spacing:?} is not positive"),
+        });
+    }
+    let rows = int(&obj, tags::ROWS).filter(|&r| r > 0);
+    let cols = int(&obj, tags::COLUMNS).filter(|&c| c > 0);
+    let (Some(rows), Some(cols)) = (rows, cols) else {
+        return Err(DicomError::MissingAttribute {
+            path: path.to_path_buf(),
+            attribute: "Rows/Columns",
+        });
+    };
+    let header = InstanceHeader {
+        series_uid,
+        iop,
+        position,
+        rows: rows as u32,
+        cols: cols as u32,
+        spacing,
+    };
+    Ok((obj, header))
+}
+
+/// What every instance of the series shares, as the first instance gives it: the series, the
+/// orientation (and so the slice normal) and the grid.
+struct SeriesLayout {
+    first: InstanceHeader,
+    normal: [f64; 3],
+}
+
+impl SeriesLayout {
+    /// The layout the first instance (at `path`) sets; its orientation must be usable.
+    fn of_first(path: &Path, first: InstanceHeader) -> Result<Self, DicomError> {
+        Ok(SeriesLayout {
+            normal: orientation_axes(path, first.iop)?.2,
+            first,
+        })
+    }
+
+    /// Refuses an instance of another series, orientation or grid.
+    fn check(&self, path: &Path, h: InstanceHeader) -> Result<(), DicomError> {
+        let first = &self.first;
+        if h.series_uid != first.series_uid {
+            return Err(DicomError::MixedSeries {
+                path: path.to_path_buf(),
+                expected: first.series_uid.clone(),
+                found: h.series_uid,
+            });
+        }
+        if h.iop
+            .iter()
+            .zip(&first.iop)
+            .any(|(a, b)| (a - b).abs() > 1e-4)
+        {
+            return Err(DicomError::MixedOrientation {
+                path: path.to_path_buf(),
+                expected: first.iop,
+                found: h.iop,
+            });
+        }
+        if (h.rows, h.cols) != (first.rows, first.cols) {
+            return Err(DicomError::MixedGrid {
+                path: path.to_path_buf(),
+                what: "rows × columns",
+                expected: format!("{} × {}", first.rows, first.cols),
+                found: format!("{} × {}", h.rows, h.cols),
+            });
+        }
+        let spacing = first.spacing;
+        if (0..2).any(|a| (h.spacing[a] - spacing[a]).abs() > 1e-4 * spacing[a].max(1.0)) {
+            return Err(DicomError::MixedGrid {
+                path: path.to_path_buf(),
+                what: "pixel spacing",
+                expected: format!("{spacing:?}"),
+                found: format!("{:?}", h.spacing),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The sorted slices' pixel values, rescaled, one `rows × cols` slice after another.
+fn decode_pixels(slices: &[Slice], rows: usize, cols: usize) -> Result<Vec<f32>, DicomError> {
+    let mut data = Vec::with_capacity(rows * cols * slices.len());
+    for s in slices {
         let ts = s.obj.meta().transfer_syntax().trim_end_matches('\0');
         let pixel_err = |source| DicomError::PixelData {
             path: s.path.clone(),
@@ -313,11 +386,19 @@ pub fn read_series(files: &[PathBuf]) -> Result<SeriesVolume, DicomError> {
         }
         data.extend_from_slice(&values);
     }
+    Ok(data)
+}
 
-    let (r, c, _) = orientation_axes(first_path, iop0)?;
-    let origin = slices[0].position;
-    // LPS columns: i along the row direction (column spacing), j along the column direction (row
-    // spacing), k along the measured step; then flip x and y to RAS.
+/// The RAS affine of a series from its LPS row direction `r`, column direction `c`, PixelSpacing,
+/// slice step and first slice's position: i along the row direction (column spacing), j along the
+/// column direction (row spacing), k along the measured step; then x and y flipped to RAS.
+fn ras_affine(
+    r: [f64; 3],
+    c: [f64; 3],
+    pixel_spacing: [f64; 2],
+    step: [f64; 3],
+    origin: [f64; 3],
+) -> [[f64; 4]; 4] {
     let mut affine = [[0.0; 4]; 4];
     for a in 0..3 {
         let sign = if a < 2 { -1.0 } else { 1.0 };
@@ -328,10 +409,16 @@ pub fn read_series(files: &[PathBuf]) -> Result<SeriesVolume, DicomError> {
         affine[a][3] = flip_lps_ras(origin)[a] + 0.0;
     }
     affine[3][3] = 1.0;
-    let geometry = Geometry {
-        dims: [cols, rows, nz],
-        affine,
-    };
+    affine
+}
+
+/// The series read into `volume`, with the UIDs, study and series attributes of its first slice
+/// (in slice order) and every slice's instance, position and file.
+fn series_volume(
+    volume: Volume<f32>,
+    series_uid: String,
+    slices: &[Slice],
+) -> Result<SeriesVolume, DicomError> {
     let first = &slices[0].obj;
     let t = |tag| text(first, tag).unwrap_or_default();
     let sop_instances = slices
@@ -348,10 +435,7 @@ pub fn read_series(files: &[PathBuf]) -> Result<SeriesVolume, DicomError> {
         })
         .collect::<Result<Vec<_>, DicomError>>()?;
     Ok(SeriesVolume {
-        volume: Volume::new(geometry, data).map_err(|e| DicomError::PixelLayout {
-            path: first_path.clone(),
-            reason: e.to_string(),
-        })?,
+        volume,
         study_uid: required(
             &slices[0].path,
             "StudyInstanceUID",
@@ -365,24 +449,30 @@ pub fn read_series(files: &[PathBuf]) -> Result<SeriesVolume, DicomError> {
         modality: t(tags::MODALITY),
         series_number: int(first, tags::SERIES_NUMBER).map(|n| n as i32),
         series_description: t(tags::SERIES_DESCRIPTION),
-        study: StudyInfo {
-            patient_name: t(tags::PATIENT_NAME),
-            patient_id: t(tags::PATIENT_ID),
-            patient_birth_date: t(tags::PATIENT_BIRTH_DATE),
-            patient_sex: t(tags::PATIENT_SEX),
-            study_date: t(tags::STUDY_DATE),
-            study_time: t(tags::STUDY_TIME),
-            study_id: t(tags::STUDY_ID),
-            accession_number: t(tags::ACCESSION_NUMBER),
-            referring_physician_name: t(tags::REFERRING_PHYSICIAN_NAME),
-            study_description: t(tags::STUDY_DESCRIPTION),
-        },
+        study: study_info(first),
         transfer_syntax: first
             .meta()
             .transfer_syntax()
             .trim_end_matches('\0')
             .to_string(),
     })
+}
+
+/// The patient and study attributes of `obj` (empty where absent).
+fn study_info(obj: &InMemDicomObject) -> StudyInfo {
+    let t = |tag| text(obj, tag).unwrap_or_default();
+    StudyInfo {
+        patient_name: t(tags::PATIENT_NAME),
+        patient_id: t(tags::PATIENT_ID),
+        patient_birth_date: t(tags::PATIENT_BIRTH_DATE),
+        patient_sex: t(tags::PATIENT_SEX),
+        study_date: t(tags::STUDY_DATE),
+        study_time: t(tags::STUDY_TIME),
+        study_id: t(tags::STUDY_ID),
+        accession_number: t(tags::ACCESSION_NUMBER),
+        referring_physician_name: t(tags::REFERRING_PHYSICIAN_NAME),
+        study_description: t(tags::STUDY_DESCRIPTION),
+    }
 }
 
 /// Checks the sorted slices' spacing and returns the mean step vector (LPS); a single slice gets

@@ -20,7 +20,7 @@ use dicom::dictionary_std::{tags, uids};
 use dicom::object::meta::FileMetaTableBuilder;
 use dicom::object::InMemDicomObject;
 
-use super::{ds, plane_geometry, uid_from_seed, DicomError};
+use super::{ds, plane_geometry, uid_from_seed, DicomError, PlaneGeometry};
 use crate::volume::Volume;
 
 /// The implementation class UID Cosilo writes in file meta groups (UUID-derived, fixed).
@@ -235,7 +235,26 @@ pub fn write_series(
     dir: impl AsRef<Path>,
 ) -> Result<Vec<PathBuf>, DicomError> {
     let dir = dir.as_ref();
-    let [nx, ny, nz] = volume.geometry.dims;
+    check_writable(volume)?;
+    std::fs::create_dir_all(dir).map_err(|source| DicomError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let series = WrittenSeries::new(meta, rescale_for(&volume.data)?);
+    let nz = volume.geometry.dims[2];
+    let mut paths = Vec::with_capacity(nz);
+    for k in 0..nz {
+        let path = dir.join(format!("{}_{:04}.dcm", meta.modality.code(), k + 1));
+        save(series.instance(volume, k), &path)?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+/// Refuses an empty volume, one whose data does not fill its grid, and slices larger than DICOM's
+/// rows and columns hold.
+fn check_writable(volume: &Volume<f32>) -> Result<(), DicomError> {
+    let [nx, ny, _] = volume.geometry.dims;
     if volume.geometry.is_empty() || volume.data.len() != volume.geometry.len() {
         return Err(DicomError::Unwritable {
             reason: format!(
@@ -249,48 +268,53 @@ pub fn write_series(
             reason: format!("slices of {nx} × {ny} exceed DICOM's 65535 rows/columns"),
         });
     }
-    std::fs::create_dir_all(dir).map_err(|source| DicomError::CreateDir {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let (slope, intercept) = rescale_for(&volume.data)?;
-    let study = super::series::StudyInfo {
-        patient_name: meta.patient_name.clone(),
-        patient_id: meta.patient_id.clone(),
-        patient_birth_date: meta.patient_birth_date.clone(),
-        patient_sex: meta.patient_sex.clone(),
-        study_date: meta.study_date.clone(),
-        study_time: meta.study_time.clone(),
-        study_id: meta.study_id.clone(),
-        accession_number: meta.accession_number.clone(),
-        referring_physician_name: meta.referring_physician_name.clone(),
-        study_description: meta.study_description.clone(),
-    };
-    let (study_uid, series_uid, for_uid) = (
-        meta.study_uid(),
-        meta.series_uid(),
-        meta.frame_of_reference_uid(),
-    );
-    let m = meta.modality;
-    let mut paths = Vec::with_capacity(nz);
-    for k in 0..nz {
+    Ok(())
+}
+
+/// What every instance of a series being written shares: its metadata, UIDs and rescale.
+struct WrittenSeries<'a> {
+    meta: &'a SeriesMeta,
+    study: super::series::StudyInfo,
+    study_uid: String,
+    series_uid: String,
+    frame_of_reference_uid: String,
+    /// RescaleSlope and RescaleIntercept.
+    slope: f64,
+    intercept: f64,
+}
+
+impl<'a> WrittenSeries<'a> {
+    fn new(meta: &'a SeriesMeta, (slope, intercept): (f64, f64)) -> Self {
+        let study = super::series::StudyInfo {
+            patient_name: meta.patient_name.clone(),
+            patient_id: meta.patient_id.clone(),
+            patient_birth_date: meta.patient_birth_date.clone(),
+            patient_sex: meta.patient_sex.clone(),
+            study_date: meta.study_date.clone(),
+            study_time: meta.study_time.clone(),
+            study_id: meta.study_id.clone(),
+            accession_number: meta.accession_number.clone(),
+            referring_physician_name: meta.referring_physician_name.clone(),
+            study_description: meta.study_description.clone(),
+        };
+        WrittenSeries {
+            meta,
+            study,
+            study_uid: meta.study_uid(),
+            series_uid: meta.series_uid(),
+            frame_of_reference_uid: meta.frame_of_reference_uid(),
+            slope,
+            intercept,
+        }
+    }
+
+    /// The instance holding slice `k` of `volume`.
+    fn instance(&self, volume: &Volume<f32>, k: usize) -> InMemDicomObject {
+        let meta = self.meta;
+        let m = meta.modality;
         let plane = plane_geometry(&volume.geometry, k);
         let mut o = InMemDicomObject::new_empty();
         put_str(&mut o, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192");
-        match m {
-            Modality::Ct => put_strs(
-                &mut o,
-                tags::IMAGE_TYPE,
-                VR::CS,
-                ["ORIGINAL", "PRIMARY", "AXIAL"],
-            ),
-            Modality::Mr => put_strs(
-                &mut o,
-                tags::IMAGE_TYPE,
-                VR::CS,
-                ["ORIGINAL", "PRIMARY", "OTHER"],
-            ),
-        }
         put_str(&mut o, tags::SOP_CLASS_UID, VR::UI, m.sop_class_uid());
         let sop_uid = uid_from_seed(&format!("{}/instance/{k}", meta.uid_seed));
         put_str(&mut o, tags::SOP_INSTANCE_UID, VR::UI, &sop_uid);
@@ -298,46 +322,24 @@ pub fn write_series(
         put_str(&mut o, tags::CONTENT_TIME, VR::TM, &meta.study_time);
         put_str(&mut o, tags::MODALITY, VR::CS, m.code());
         put_str(&mut o, tags::MANUFACTURER, VR::LO, &meta.manufacturer);
-        if !meta.institution_name.is_empty() {
-            put_str(
-                &mut o,
-                tags::INSTITUTION_NAME,
-                VR::LO,
-                &meta.institution_name,
-            );
-        }
-        if !meta.series_description.is_empty() {
-            put_str(
-                &mut o,
-                tags::SERIES_DESCRIPTION,
-                VR::LO,
-                &meta.series_description,
-            );
-        }
-        put_patient_study(&mut o, &study);
-        if !meta.body_part.is_empty() {
-            put_str(&mut o, tags::BODY_PART_EXAMINED, VR::CS, &meta.body_part);
-        }
-        put_ds(&mut o, tags::SLICE_THICKNESS, &[plane.slice_step_mm]);
-        match m {
-            Modality::Ct => {
-                put_ds(&mut o, tags::KVP, &[120.0]);
-            }
-            Modality::Mr => {
-                put_str(&mut o, tags::SCANNING_SEQUENCE, VR::CS, "GR");
-                put_str(&mut o, tags::SEQUENCE_VARIANT, VR::CS, "SP");
-                put_str(&mut o, tags::SCAN_OPTIONS, VR::CS, "");
-                put_str(&mut o, tags::MR_ACQUISITION_TYPE, VR::CS, "3D");
-                put_ds(&mut o, tags::REPETITION_TIME, &[8.1]);
-                put_ds(&mut o, tags::ECHO_TIME, &[3.7]);
-                put_str(&mut o, tags::ECHO_TRAIN_LENGTH, VR::IS, "1");
-                put_ds(&mut o, tags::MAGNETIC_FIELD_STRENGTH, &[3.0]);
-                put_ds(&mut o, tags::SPACING_BETWEEN_SLICES, &[plane.slice_step_mm]);
-            }
-        }
+        put_nonempty(
+            &mut o,
+            tags::INSTITUTION_NAME,
+            VR::LO,
+            &meta.institution_name,
+        );
+        put_nonempty(
+            &mut o,
+            tags::SERIES_DESCRIPTION,
+            VR::LO,
+            &meta.series_description,
+        );
+        put_patient_study(&mut o, &self.study);
+        put_nonempty(&mut o, tags::BODY_PART_EXAMINED, VR::CS, &meta.body_part);
+        put_acquisition(&mut o, m, plane.slice_step_mm);
         put_str(&mut o, tags::PATIENT_POSITION, VR::CS, "HFS");
-        put_str(&mut o, tags::STUDY_INSTANCE_UID, VR::UI, &study_uid);
-        put_str(&mut o, tags::SERIES_INSTANCE_UID, VR::UI, &series_uid);
+        put_str(&mut o, tags::STUDY_INSTANCE_UID, VR::UI, &self.study_uid);
+        put_str(&mut o, tags::SERIES_INSTANCE_UID, VR::UI, &self.series_uid);
         put_str(
             &mut o,
             tags::SERIES_NUMBER,
@@ -346,58 +348,106 @@ pub fn write_series(
         );
         put_str(&mut o, tags::ACQUISITION_NUMBER, VR::IS, "1");
         put_str(&mut o, tags::INSTANCE_NUMBER, VR::IS, (k + 1).to_string());
-        put_ds(&mut o, tags::IMAGE_POSITION_PATIENT, &plane.position);
-        put_ds(&mut o, tags::IMAGE_ORIENTATION_PATIENT, &plane.orientation);
-        put_str(&mut o, tags::FRAME_OF_REFERENCE_UID, VR::UI, &for_uid);
+        put_image_plane(&mut o, &plane);
+        put_str(
+            &mut o,
+            tags::FRAME_OF_REFERENCE_UID,
+            VR::UI,
+            &self.frame_of_reference_uid,
+        );
         put_str(&mut o, tags::POSITION_REFERENCE_INDICATOR, VR::LO, "");
-        let o_dir = plane.orientation;
-        let normal = super::series::cross(
-            [o_dir[0], o_dir[1], o_dir[2]],
-            [o_dir[3], o_dir[4], o_dir[5]],
-        );
-        put_ds(
-            &mut o,
-            tags::SLICE_LOCATION,
-            &[super::series::dot(plane.position, normal)],
-        );
-        put_us(&mut o, tags::SAMPLES_PER_PIXEL, &[1]);
-        put_str(
-            &mut o,
-            tags::PHOTOMETRIC_INTERPRETATION,
-            VR::CS,
-            "MONOCHROME2",
-        );
-        put_us(&mut o, tags::ROWS, &[ny as u16]);
-        put_us(&mut o, tags::COLUMNS, &[nx as u16]);
-        put_ds(&mut o, tags::PIXEL_SPACING, &plane.pixel_spacing);
-        put_us(&mut o, tags::BITS_ALLOCATED, &[16]);
-        put_us(&mut o, tags::BITS_STORED, &[16]);
-        put_us(&mut o, tags::HIGH_BIT, &[15]);
-        put_us(&mut o, tags::PIXEL_REPRESENTATION, &[1]);
-        put_ds(&mut o, tags::RESCALE_INTERCEPT, &[intercept]);
-        put_ds(&mut o, tags::RESCALE_SLOPE, &[slope]);
-        put_str(
-            &mut o,
-            tags::RESCALE_TYPE,
-            VR::LO,
-            if m == Modality::Ct { "HU" } else { "US" },
-        );
-        let slice = volume.axial_slice(k);
-        let mut stored: Vec<u16> = Vec::with_capacity(slice.len());
-        for &v in slice {
-            let s = ((v as f64 - intercept) / slope).round();
-            stored.push(s.clamp(i16::MIN as f64, i16::MAX as f64) as i16 as u16);
-        }
+        self.put_pixels(&mut o, volume, k);
+        o
+    }
+
+    /// Image pixel module, rescale and the stored values of slice `k`.
+    fn put_pixels(&self, o: &mut InMemDicomObject, volume: &Volume<f32>, k: usize) {
+        let [nx, ny, _] = volume.geometry.dims;
+        put_us(o, tags::SAMPLES_PER_PIXEL, &[1]);
+        put_str(o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
+        put_us(o, tags::ROWS, &[ny as u16]);
+        put_us(o, tags::COLUMNS, &[nx as u16]);
+        put_us(o, tags::BITS_ALLOCATED, &[16]);
+        put_us(o, tags::BITS_STORED, &[16]);
+        put_us(o, tags::HIGH_BIT, &[15]);
+        put_us(o, tags::PIXEL_REPRESENTATION, &[1]);
+        put_ds(o, tags::RESCALE_INTERCEPT, &[self.intercept]);
+        put_ds(o, tags::RESCALE_SLOPE, &[self.slope]);
+        let rescale_type = if self.meta.modality == Modality::Ct {
+            "HU"
+        } else {
+            "US"
+        };
+        put_str(o, tags::RESCALE_TYPE, VR::LO, rescale_type);
+        let stored: Vec<u16> = volume
+            .axial_slice(k)
+            .iter()
+            .map(|&v| {
+                let s = ((v as f64 - self.intercept) / self.slope).round();
+                s.clamp(i16::MIN as f64, i16::MAX as f64) as i16 as u16
+            })
+            .collect();
         o.put(DataElement::new(
             tags::PIXEL_DATA,
             VR::OW,
             PrimitiveValue::U16(stored.into()),
         ));
-        let path = dir.join(format!("{}_{:04}.dcm", m.code(), k + 1));
-        save(o, &path)?;
-        paths.push(path);
     }
-    Ok(paths)
+}
+
+/// Puts `v` unless it is empty (for type 3 attributes).
+fn put_nonempty(obj: &mut InMemDicomObject, tag: Tag, vr: VR, v: &str) {
+    if !v.is_empty() {
+        put_str(obj, tag, vr, v);
+    }
+}
+
+/// ImageType and the modality's acquisition attributes (CT: KVP; MR: sequence, timing, field).
+fn put_acquisition(o: &mut InMemDicomObject, m: Modality, slice_step_mm: f64) {
+    match m {
+        Modality::Ct => {
+            put_strs(
+                o,
+                tags::IMAGE_TYPE,
+                VR::CS,
+                ["ORIGINAL", "PRIMARY", "AXIAL"],
+            );
+            put_ds(o, tags::KVP, &[120.0]);
+        }
+        Modality::Mr => {
+            put_strs(
+                o,
+                tags::IMAGE_TYPE,
+                VR::CS,
+                ["ORIGINAL", "PRIMARY", "OTHER"],
+            );
+            put_str(o, tags::SCANNING_SEQUENCE, VR::CS, "GR");
+            put_str(o, tags::SEQUENCE_VARIANT, VR::CS, "SP");
+            put_str(o, tags::SCAN_OPTIONS, VR::CS, "");
+            put_str(o, tags::MR_ACQUISITION_TYPE, VR::CS, "3D");
+            put_ds(o, tags::REPETITION_TIME, &[8.1]);
+            put_ds(o, tags::ECHO_TIME, &[3.7]);
+            put_str(o, tags::ECHO_TRAIN_LENGTH, VR::IS, "1");
+            put_ds(o, tags::MAGNETIC_FIELD_STRENGTH, &[3.0]);
+            put_ds(o, tags::SPACING_BETWEEN_SLICES, &[slice_step_mm]);
+        }
+    }
+}
+
+/// Image plane module: where the slice is, its orientation, spacing, thickness and location
+/// along the normal.
+fn put_image_plane(o: &mut InMemDicomObject, plane: &PlaneGeometry) {
+    put_ds(o, tags::SLICE_THICKNESS, &[plane.slice_step_mm]);
+    put_ds(o, tags::IMAGE_POSITION_PATIENT, &plane.position);
+    put_ds(o, tags::IMAGE_ORIENTATION_PATIENT, &plane.orientation);
+    let d = plane.orientation;
+    let normal = super::series::cross([d[0], d[1], d[2]], [d[3], d[4], d[5]]);
+    put_ds(
+        o,
+        tags::SLICE_LOCATION,
+        &[super::series::dot(plane.position, normal)],
+    );
+    put_ds(o, tags::PIXEL_SPACING, &plane.pixel_spacing);
 }
 
 #[cfg(test)]
