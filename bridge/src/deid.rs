@@ -46,19 +46,22 @@ pub const MIN_SECRET_LEN: usize = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum DeidError {
     /// The instance has pixel data that may show identifying text; it is refused, not cleaned.
-    #[error("instance {sop_instance_uid} refused: {reason}")]
-    BurnedIn {
-        sop_instance_uid: String,
-        reason: String,
-    },
+    /// The message names no UID: it goes to the log.
+    #[error("instance refused: {reason}")]
+    BurnedIn { reason: String },
     #[error("the de-identification secret is {len} bytes; at least {MIN_SECRET_LEN} are needed")]
     SecretTooShort { len: usize },
-    #[error("cannot read the de-identification key file {path}")]
+    #[error(
+        "cannot read the de-identification key file {path} (create one with `cosilo bridge init`)"
+    )]
     ReadKey {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// A file holding the key or re-identification data is readable by group or others.
+    #[error("{path} is readable by others (mode {mode:o}); it holds re-identification secrets: chmod 600 it")]
+    Permissions { path: PathBuf, mode: u32 },
     #[error("cannot open the pseudonym mapping {path}")]
     OpenMapping {
         path: PathBuf,
@@ -90,6 +93,25 @@ pub enum DatePolicy {
     ShiftPerPatient { max_days: u32 },
     /// Dates become January 1st of their year. Times are kept.
     KeepYear,
+}
+
+/// What happens to PatientBirthDate (0010,0030).
+///
+/// PS3.15 Table E.1-1 gives PatientBirthDate the action `Z` in the Basic Profile, and none of the
+/// options (Retain Longitudinal Temporal Information with Full or Modified Dates, Retain Patient
+/// Characteristics) retains it: a shifted birth date still gives the exact age at every study.
+/// [`BirthDatePolicy::Empty`] (the default) follows the standard whatever the [`DatePolicy`];
+/// [`BirthDatePolicy::FollowDatePolicy`] treats it like every other date (shifted with the
+/// patient's shift, or reduced to the year): a site decision beyond the standard's profile,
+/// for studies that need the age.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BirthDatePolicy {
+    /// Emptied (PS3.15 Basic Profile and all its options).
+    #[default]
+    Empty,
+    /// Like the other dates (beyond PS3.15: keeps the age at the study).
+    FollowDatePolicy,
 }
 
 /// A profile action (PS3.15 Table E.1-1 codes).
@@ -536,6 +558,7 @@ const NO_BURNED_IN_EXPECTED: &[&str] = &[
 
 const SOP_CLASS_UID: Tag = Tag(0x0008, 0x0016);
 const SOP_INSTANCE_UID: Tag = Tag(0x0008, 0x0018);
+const PATIENT_BIRTH_DATE: Tag = Tag(0x0010, 0x0030);
 const PATIENT_NAME: Tag = Tag(0x0010, 0x0010);
 const PATIENT_ID: Tag = Tag(0x0010, 0x0020);
 const BURNED_IN_ANNOTATION: Tag = Tag(0x0028, 0x0301);
@@ -579,6 +602,7 @@ pub struct Deidentifier {
     safe_private: Vec<SafePrivateTag>,
     mapping: Option<MappingStore>,
     accept_unmarked: bool,
+    birth_date: BirthDatePolicy,
 }
 
 impl std::fmt::Debug for Deidentifier {
@@ -617,15 +641,19 @@ impl Deidentifier {
             safe_private: Vec::new(),
             mapping: None,
             accept_unmarked: false,
+            birth_date: BirthDatePolicy::Empty,
         })
     }
 
-    /// A de-identifier keyed by the contents of `path` (trailing whitespace ignored).
+    /// A de-identifier keyed by the contents of `path` (trailing whitespace ignored). A key file
+    /// readable by group or others is refused ([`DeidError::Permissions`]), like the signing key.
     pub fn from_key_file(path: &Path, policy: DatePolicy) -> Result<Self, DeidError> {
-        let bytes = std::fs::read(path).map_err(|source| DeidError::ReadKey {
+        let read_err = |source| DeidError::ReadKey {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        refuse_loose_mode(path, read_err)?;
+        let bytes = std::fs::read(path).map_err(read_err)?;
         let end = bytes
             .iter()
             .rposition(|b| !b.is_ascii_whitespace())
@@ -644,6 +672,12 @@ impl Deidentifier {
     /// whose BurnedInAnnotation is YES is refused whatever this says.
     pub fn with_unmarked_pixels_accepted(mut self, accept: bool) -> Self {
         self.accept_unmarked = accept;
+        self
+    }
+
+    /// What happens to PatientBirthDate ([`BirthDatePolicy::Empty`] by default).
+    pub fn with_birth_date(mut self, policy: BirthDatePolicy) -> Self {
+        self.birth_date = policy;
         self
     }
 
@@ -728,8 +762,7 @@ impl Deidentifier {
     /// mapping store (durably) and adds the de-identification attributes. Refuses instances that
     /// may show burned-in text.
     pub fn deidentify(&self, obj: &InMemDicomObject) -> Result<Deidentified, DeidError> {
-        let sop_instance = text(obj, SOP_INSTANCE_UID).unwrap_or_default();
-        self.check_burned_in(obj, &sop_instance)?;
+        self.check_burned_in(obj)?;
 
         let patient_key = text(obj, PATIENT_ID)
             .filter(|s| !s.trim().is_empty())
@@ -765,11 +798,8 @@ impl Deidentifier {
         })
     }
 
-    fn check_burned_in(&self, obj: &InMemDicomObject, sop: &str) -> Result<(), DeidError> {
-        let refuse = |reason: String| DeidError::BurnedIn {
-            sop_instance_uid: sop.to_string(),
-            reason,
-        };
+    fn check_burned_in(&self, obj: &InMemDicomObject) -> Result<(), DeidError> {
+        let refuse = |reason: String| DeidError::BurnedIn { reason };
         match text(obj, BURNED_IN_ANNOTATION) {
             Some(v) if v.trim().eq_ignore_ascii_case("YES") => Err(refuse(
                 "BurnedInAnnotation is YES: the pixels show identifying text".to_string(),
@@ -931,6 +961,9 @@ impl Walk<'_> {
         if vr == VR::UI && !matches!(action, Some(Action::X) | Some(Action::Z)) {
             return Some(self.uids(elem));
         }
+        if tag == PATIENT_BIRTH_DATE && self.deid.birth_date == BirthDatePolicy::Empty {
+            return Some(DataElement::empty(tag, vr));
+        }
         if matches!(vr, VR::DA | VR::DT) && action != Some(Action::X) {
             return self.date(elem, action);
         }
@@ -1003,6 +1036,31 @@ impl Walk<'_> {
             _ => DataElement::empty(tag, vr),
         })
     }
+}
+
+/// Refuses a file that group or others may read (it holds a key or re-identification data).
+pub fn refuse_loose_mode(
+    path: &Path,
+    io_err: impl Fn(std::io::Error) -> DeidError,
+) -> Result<(), DeidError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(io_err)?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(DeidError::Permissions {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, io_err);
+    Ok(())
 }
 
 /// A dummy value for the `D` action, valid for the VR.
@@ -1121,7 +1179,8 @@ impl MappingStore {
     /// The file name of the mapping inside the bridge's state directory.
     pub const FILE_NAME: &'static str = "pseudonyms.jsonl";
 
-    /// Opens (or creates) the mapping in `dir`, reading what it holds. A torn last line (a crash
+    /// Opens (or creates, mode 0600) the mapping in `dir`, reading what it holds. A mapping
+    /// readable by group or others is refused ([`DeidError::Permissions`]). A torn last line (a crash
     /// mid-append) is ignored; any other damaged line is an error.
     pub fn open(dir: &Path) -> Result<MappingStore, DeidError> {
         let path = dir.join(Self::FILE_NAME);
@@ -1130,12 +1189,12 @@ impl MappingStore {
             source,
         };
         std::fs::create_dir_all(dir).map_err(open_err)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&path)
-            .map_err(open_err)?;
+        let mut options = OpenOptions::new();
+        options.create(true).read(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(&path).map_err(open_err)?;
+        refuse_loose_mode(&path, open_err)?;
         let mut map = HashMap::new();
         let lines: Vec<String> = BufReader::new(&file)
             .split(b'\n')
@@ -1256,6 +1315,7 @@ mod tests {
             safe_private: Vec::new(),
             mapping: None,
             accept_unmarked: false,
+            birth_date: BirthDatePolicy::Empty,
         };
         let mac = d.hmac_raw(&[b"what do ya want ", b"for nothing?"]);
         let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
