@@ -20,6 +20,7 @@
 //! - [`rng`]: the small deterministic generator every seeded computation uses.
 
 pub mod bridge_sink;
+pub mod cases_cmd;
 pub mod chart;
 pub mod cohort;
 pub mod config;

@@ -45,6 +45,13 @@ enum Command {
     /// Run the PACS bridge: receive DICOM (C-STORE), de-identify, assemble series and import
     /// them into the store (image-only cases as "unlabelled"; labelled when a SEG arrives).
     Bridge(BridgeArgs),
+    /// The store's cases: list, show one (with its history), remove one.
+    Cases {
+        #[command(subcommand)]
+        cmd: cosilo_appliance::cases_cmd::CasesCommand,
+        #[command(flatten)]
+        store: StoreDir,
+    },
     /// Write a result back to the PACS: segment a case's de-identified series (from the bridge's
     /// spool) with a bundle, write a DICOM SEG against the PACS's own identifiers and queue it in
     /// the bridge's outbox (durable before "queued"); the running bridge delivers it.
@@ -117,7 +124,10 @@ struct RunArgs {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(subcommand_negates_reqs = true)]
 struct BridgeArgs {
+    #[command(subcommand)]
+    init: Option<BridgeInit>,
     /// The bridge configuration (TOML; see --print-default-config).
     #[arg(long, required_unless_present = "print_default_config")]
     config: Option<PathBuf>,
@@ -129,6 +139,16 @@ struct BridgeArgs {
     hospital: String,
     #[command(flatten)]
     store: StoreDir,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum BridgeInit {
+    /// Set up a site's bridge: state directory (0700), a new de-identification key (0600) and a
+    /// commented bridge.toml pointing at both, all in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -300,6 +320,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Import(args) => import(args),
         Command::Bridge(args) => bridge(args),
+        Command::Cases { cmd, store } => cosilo_appliance::cases_cmd::run(&store.path, cmd),
         Command::Writeback(args) => writeback(args),
         Command::Segment(args) => segment(args),
         Command::Train(args) => train(args),
@@ -729,6 +750,16 @@ fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
 
     use cosilo_bridge::pipeline::{Bridge, PipelineConfig, PipelineError, DEFAULT_CONFIG};
 
+    if let Some(BridgeInit::Init { dir }) = &args.init {
+        let r = cosilo_bridge::init::init(dir)?;
+        println!(
+            "config: {}\nkey (0600, back it up): {}\nstate: {}",
+            r.config.display(),
+            r.key.display(),
+            r.state_dir.display()
+        );
+        return Ok(());
+    }
     if args.print_default_config {
         print!("{DEFAULT_CONFIG}");
         return Ok(());
@@ -743,6 +774,7 @@ fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    cfg.check_key()?;
     let store = cosilo_appliance::store::Store::open(&args.store.path)?;
     let sink = Arc::new(cosilo_appliance::bridge_sink::StoreSeriesSink::new(
         store,
