@@ -199,6 +199,10 @@ fn accepted_and_refused_syntaxes_match_the_door_and_the_readme() -> Result<()> {
             "{}: a failure status, got {status:04X}",
             s.file
         );
+        assert!(
+            s.comment.contains("unusable pixel data"),
+            "the PACS is told why: {s:?}"
+        );
     }
 
     // Every spooled file decodes to 64 × 64 pixels: accepted means usable.
