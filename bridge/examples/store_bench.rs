@@ -1,7 +1,13 @@
-//! Receiver side of the C-STORE benchmark (`bench/store_bench.sh`): Cosilo's SCP with the durable
-//! [`SpoolSink`] (one journal append + fdatasync per instance) on a port, until stdin closes.
+//! Receiver side of the C-STORE benchmark (`bench/store_bench.sh`): Cosilo's SCP on a port, until
+//! stdin closes, with one of three sinks:
 //!
-//! `cargo run --release -p cosilo-bridge --example store_bench -- <spool-dir> <port> [AE] [--no-fsync]`
+//! - `--deid`: what `cosilo bridge` runs, [`DeidSink`]: de-identification with the pseudonym
+//!   table (its own fdatasync when an instance brings new pseudonyms, i.e. every new instance),
+//!   then the durable [`SpoolSink`] (one journal append + fdatasync), then the assembler;
+//! - default: the durable [`SpoolSink`] alone (one journal append + fdatasync per instance);
+//! - `--no-fsync`: see below.
+//!
+//! `cargo run --release -p cosilo-bridge --example store_bench -- <dir> <port> [AE] [--deid|--no-fsync]`
 //!
 //! `--no-fsync` swaps in a sink that writes the same files without fsync, the way dcmtk's
 //! `storescp` does, to compare the protocol path alone. Never use such a sink in the product.
@@ -10,6 +16,9 @@ use std::io::Read;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use cosilo_bridge::assemble::{SeriesAssembler, SystemClock};
+use cosilo_bridge::deid::{DatePolicy, Deidentifier, MappingStore};
+use cosilo_bridge::pipeline::DeidSink;
 use cosilo_bridge::scp::{
     serve, Accepted, InstanceSink, ReceivedInstance, ScpConfig, SinkError, SpoolSink,
 };
@@ -147,6 +156,17 @@ fn main() -> Result<()> {
     let sink: Arc<dyn InstanceSink> = if args.iter().any(|a| a == "--no-fsync") {
         std::fs::create_dir_all(dir)?;
         Arc::new(NoSyncSink(dir.into()))
+    } else if args.iter().any(|a| a == "--deid") {
+        let root = std::path::Path::new(dir);
+        let deid = Deidentifier::new(b"store-bench secret, 32 bytes long", DatePolicy::Remove)?
+            .with_mapping(MappingStore::open(&root.join("state"))?);
+        let spool = root.join("spool");
+        let assembler = Arc::new(SeriesAssembler::open(
+            &spool,
+            std::time::Duration::from_secs(3600),
+            Arc::new(SystemClock::default()),
+        )?);
+        Arc::new(DeidSink::new(deid, SpoolSink::new(&spool, 0)?, assembler))
     } else {
         Arc::new(SpoolSink::new(dir, 0)?)
     };

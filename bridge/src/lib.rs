@@ -8,11 +8,15 @@
 //! - [`guard`]: refuses received data sets whose declared lengths exceed the bytes received
 //!   (dicom-rs would allocate them) before they are parsed.
 //! - [`dimse`]: DIMSE command sets (C-ECHO, C-STORE, C-FIND, C-MOVE), built in one place.
+//! - [`door`]: the SOP classes and transfer syntaxes accepted, and the pixel checks made
+//!   before a C-STORE is answered.
+//! - [`durable`]: durable writes (temp file, sync, rename, directory sync), in one place.
 //! - [`scp`]: the DICOM service provider (C-ECHO, C-STORE) that writes every instance to disk
 //!   before acknowledging it.
 //! - [`journal`]: the spool's write-ahead journal (one device flush per received instance).
 //! - [`scu`]: the client side: C-FIND / C-MOVE query-retrieve and C-STORE sends.
 //! - [`config`]: typed configuration of the network side (SCP, PACS peer, spool, outbox).
+//! - [`init`]: `cosilo bridge init` (state directory, a 0600 de-identification key, a config).
 //! - [`outbox`]: the persistent retry queue for results going back to the PACS.
 //! - [`deid`]: PS3.15 Basic Application Level Confidentiality Profile with keyed-hash pseudonyms.
 //! - [`assemble`]: groups received instances into series and declares them complete.
@@ -28,7 +32,10 @@ pub mod assemble;
 pub mod config;
 pub mod deid;
 pub mod dimse;
+pub mod door;
+pub mod durable;
 pub mod guard;
+pub mod init;
 pub mod journal;
 pub mod outbox;
 pub mod pipeline;

@@ -9,16 +9,18 @@
 //! the peer's timeout) never holds up assembly. [`PipelineConfig`] is its TOML configuration, with
 //! the defaults checked in at `bridge/config/bridge.toml` ([`DEFAULT_CONFIG`]).
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::assemble::{AssembleError, PollReport, SeriesAssembler, SeriesSink, SystemClock};
 use crate::config::{BridgeConfig, ConfigError};
-use crate::deid::{DatePolicy, DeidError, Deidentifier, MappingStore};
+use crate::deid::{BirthDatePolicy, DatePolicy, DeidError, Deidentifier, MappingStore};
 use crate::outbox::{self, Outbox, OutboxError};
 use crate::scp::{self, Accepted, InstanceSink, ReceivedInstance, ScpError, SinkError, SpoolSink};
 
@@ -35,6 +37,9 @@ pub struct DeidSettings {
     /// Accept instances that may carry burned-in text when BurnedInAnnotation is absent.
     #[serde(default)]
     pub accept_unmarked_pixels: bool,
+    /// PatientBirthDate: emptied (PS3.15, the default) or treated like the other dates.
+    #[serde(default)]
+    pub birth_date: BirthDatePolicy,
 }
 
 /// Series assembly settings.
@@ -45,6 +50,14 @@ pub struct AssemblySettings {
     pub quiet_period_s: u64,
     /// How often the assembler looks for complete series.
     pub poll_interval_ms: u64,
+    /// How long an incomplete series (interrupted association, fewer instances than declared,
+    /// refused by the store) waits for the rest before it is refused.
+    #[serde(default = "default_incomplete_wait_s")]
+    pub incomplete_wait_s: u64,
+}
+
+fn default_incomplete_wait_s() -> u64 {
+    SeriesAssembler::DEFAULT_INCOMPLETE_WAIT.as_secs()
 }
 
 /// The whole bridge configuration (`cosilo bridge --config bridge.toml`).
@@ -138,6 +151,9 @@ impl PipelineConfig {
         if self.assembly.quiet_period_s == 0 || self.assembly.quiet_period_s > 86_400 {
             return Err(bad("assembly.quiet_period_s", "must be 1..=86400"));
         }
+        if self.assembly.incomplete_wait_s == 0 || self.assembly.incomplete_wait_s > 30 * 86_400 {
+            return Err(bad("assembly.incomplete_wait_s", "must be 1..=2592000"));
+        }
         if !(10..=60_000).contains(&self.assembly.poll_interval_ms) {
             return Err(bad("assembly.poll_interval_ms", "must be 10..=60000"));
         }
@@ -146,14 +162,24 @@ impl PipelineConfig {
 
     /// The de-identifier this configuration describes, recording into the mapping store in
     /// `state_dir`.
+    /// The key is read (and its mode checked) before the state directory is created, so a missing
+    /// key leaves nothing behind.
     pub fn deidentifier(&self) -> Result<Deidentifier, PipelineError> {
+        let deid = Deidentifier::from_key_file(&self.deid.secret_file, self.deid.date_policy)
+            .map_err(PipelineError::Deid)?;
         let mapping = MappingStore::open(&self.state_dir).map_err(PipelineError::Deid)?;
-        Ok(
-            Deidentifier::from_key_file(&self.deid.secret_file, self.deid.date_policy)
-                .map_err(PipelineError::Deid)?
-                .with_unmarked_pixels_accepted(self.deid.accept_unmarked_pixels)
-                .with_mapping(mapping),
-        )
+        Ok(deid
+            .with_unmarked_pixels_accepted(self.deid.accept_unmarked_pixels)
+            .with_birth_date(self.deid.birth_date)
+            .with_mapping(mapping))
+    }
+
+    /// Checks that the de-identification key can be used (readable, 0600, long enough) without
+    /// creating anything: `cosilo bridge` calls it before it opens the store.
+    pub fn check_key(&self) -> Result<(), PipelineError> {
+        Deidentifier::from_key_file(&self.deid.secret_file, self.deid.date_policy)
+            .map(|_| ())
+            .map_err(PipelineError::Deid)
     }
 }
 
@@ -163,6 +189,8 @@ pub struct DeidSink {
     deid: Deidentifier,
     spool: SpoolSink,
     assembler: Arc<SeriesAssembler>,
+    /// The series each running association (one thread each) is delivering.
+    deliveries: Mutex<HashMap<ThreadId, BTreeSet<(String, String)>>>,
 }
 
 impl DeidSink {
@@ -172,6 +200,7 @@ impl DeidSink {
             deid,
             spool,
             assembler,
+            deliveries: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -200,8 +229,32 @@ impl InstanceSink for DeidSink {
             transfer_syntax: inst.transfer_syntax,
             dataset: out.object,
         })?;
-        self.assembler.notify(&study, &series);
+        let key = (study, series);
+        let first = self
+            .deliveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(std::thread::current().id())
+            .or_default()
+            .insert(key.clone());
+        if first {
+            self.assembler.delivery_started(&key.0, &key.1);
+        } else {
+            self.assembler.notify(&key.0, &key.1);
+        }
         Ok(accepted)
+    }
+
+    fn association_ended(&self, released: bool) {
+        let series = self
+            .deliveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&std::thread::current().id())
+            .unwrap_or_default();
+        for (study, series) in series {
+            self.assembler.delivery_ended(&study, &series, released);
+        }
     }
 }
 
@@ -277,7 +330,8 @@ impl Bridge {
                 Duration::from_secs(cfg.assembly.quiet_period_s),
                 Arc::new(SystemClock::default()),
             )
-            .map_err(PipelineError::Assembler)?,
+            .map_err(PipelineError::Assembler)?
+            .with_incomplete_wait(Duration::from_secs(cfg.assembly.incomplete_wait_s)),
         );
         let outbox = match &cfg.network.pacs {
             Some(pacs) => {
@@ -335,7 +389,7 @@ impl Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::assemble::AssembledSeries;
+    use crate::assemble::{AssembledSeries, SeriesSinkError, SinkOutcome};
     use crate::scu::PeerAe;
     use cosilo_sdk::dicom::{write_series, Modality, SeriesMeta};
     use cosilo_sdk::volume::{Geometry, Volume};
@@ -346,10 +400,23 @@ mod tests {
     struct CountingSink(std::sync::Mutex<usize>);
 
     impl SeriesSink for CountingSink {
-        fn import(&self, _: AssembledSeries) -> Result<(), String> {
+        fn import(&self, _: AssembledSeries) -> Result<SinkOutcome, SeriesSinkError> {
             *self.0.lock().unwrap() += 1;
-            Ok(())
+            Ok(SinkOutcome::Stored)
         }
+    }
+
+    /// A de-identification key file, 0600 as the bridge requires.
+    fn write_key(path: &Path) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"pipeline outbox test secret 32 bytes").unwrap();
     }
 
     /// A loopback port nothing listens on (yet).
@@ -393,11 +460,7 @@ mod tests {
 
         let pacs_port = free_port();
         let pacs = PeerAe::new("PACS", &format!("127.0.0.1:{pacs_port}"), "COSILO");
-        std::fs::write(
-            root.join("deid.key"),
-            b"pipeline outbox test secret 32 bytes",
-        )
-        .unwrap();
+        write_key(&root.join("deid.key"));
         let mut cfg = PipelineConfig::default_config().unwrap();
         cfg.state_dir = root.join("state");
         cfg.network.bind = "127.0.0.1:0".parse().unwrap();
@@ -475,11 +538,7 @@ mod tests {
     fn without_a_pacs_the_outbox_is_left_alone() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
-        std::fs::write(
-            root.join("deid.key"),
-            b"pipeline outbox test secret 32 bytes",
-        )
-        .unwrap();
+        write_key(&root.join("deid.key"));
         std::fs::write(root.join("x.dcm"), b"queued while a PACS was configured").unwrap();
         let mut cfg = PipelineConfig::default_config().unwrap();
         cfg.state_dir = root.join("state");

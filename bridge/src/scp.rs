@@ -35,33 +35,19 @@ use tracing::{debug, info, warn};
 use crate::dimse::{CEchoRsp, CStoreRq, CStoreRsp, Command, Status};
 use crate::journal::{Journal, JournalConfig, JournalError};
 
-/// SOP classes the SCP accepts: Verification plus the image storage classes the bridge uses.
-pub const SUPPORTED_SOP_CLASSES: &[(&str, &str)] = &[
-    (crate::dimse::VERIFICATION, "Verification"),
-    ("1.2.840.10008.5.1.4.1.1.2", "CT Image Storage"),
-    ("1.2.840.10008.5.1.4.1.1.2.1", "Enhanced CT Image Storage"),
-    ("1.2.840.10008.5.1.4.1.1.4", "MR Image Storage"),
-    ("1.2.840.10008.5.1.4.1.1.4.1", "Enhanced MR Image Storage"),
-    ("1.2.840.10008.5.1.4.1.1.66.4", "Segmentation Storage"),
-    (
-        "1.2.840.10008.5.1.4.1.1.7",
-        "Secondary Capture Image Storage",
-    ),
-];
+/// SOP classes the SCP accepts (see [`crate::door`]).
+pub use crate::door::STORAGE_SOP_CLASSES as SUPPORTED_SOP_CLASSES;
 
-/// Transfer syntaxes the SCP accepts. Compressed ones are stored as received (encapsulated pixel
-/// data); dicom-rs' default build decodes RLE Lossless itself, the JPEG family only with its
-/// `native` codecs, which Cosilo does not enable.
-pub const SUPPORTED_TRANSFER_SYNTAXES: &[&str] = &[
-    "1.2.840.10008.1.2.1",    // Explicit VR Little Endian
-    "1.2.840.10008.1.2",      // Implicit VR Little Endian
-    "1.2.840.10008.1.2.4.70", // JPEG Lossless, SV1
-    "1.2.840.10008.1.2.4.57", // JPEG Lossless
-    "1.2.840.10008.1.2.4.50", // JPEG Baseline
-    "1.2.840.10008.1.2.4.90", // JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91", // JPEG 2000
-    "1.2.840.10008.1.2.5",    // RLE Lossless
-];
+/// Transfer syntaxes the SCP accepts (see [`crate::door`]).
+pub const SUPPORTED_TRANSFER_SYNTAXES: &[&str] = &{
+    let mut out = [""; crate::door::TRANSFER_SYNTAXES.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = crate::door::TRANSFER_SYNTAXES[i].0;
+        i += 1;
+    }
+    out
+};
 
 /// One instance received by C-STORE, decoded from the P-DATA in the negotiated transfer syntax.
 #[derive(Debug, Clone)]
@@ -116,6 +102,13 @@ impl SinkError {
 pub trait InstanceSink: Send + Sync + 'static {
     /// Takes one complete instance.
     fn accept(&self, inst: ReceivedInstance) -> Result<Accepted, SinkError>;
+
+    /// The association whose instances [`InstanceSink::accept`] was given ended: with an
+    /// A-RELEASE (`released`), or aborted, cut or timed out. Called on the association's own
+    /// thread (the one that called `accept`), after its last `accept`.
+    fn association_ended(&self, released: bool) {
+        let _ = released;
+    }
 }
 
 /// Settings of the SCP.
@@ -240,18 +233,27 @@ impl Drop for ScpHandle {
     }
 }
 
-/// The calling-AE allowlist, checked during association negotiation.
+/// The called AE title (must be ours) and the calling-AE allowlist, checked during association
+/// negotiation.
 struct AllowList(Arc<Vec<String>>);
 
 impl AccessControl for AllowList {
     fn check_access(
         &self,
-        _this_ae_title: &str,
+        this_ae_title: &str,
         calling_ae_title: &str,
-        _called_ae_title: &str,
+        called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
         let calling = calling_ae_title.trim();
+        if called_ae_title.trim() != this_ae_title.trim() {
+            warn!(
+                calling_ae = calling,
+                called_ae = called_ae_title.trim(),
+                "association rejected: called AE title is not ours"
+            );
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
         if self.0.is_empty() || self.0.iter().any(|a| a.trim() == calling) {
             Ok(())
         } else {
@@ -404,7 +406,7 @@ fn run_association(
     for ts in SUPPORTED_TRANSFER_SYNTAXES {
         options = options.with_transfer_syntax(*ts);
     }
-    let mut assoc = match options.establish(stream) {
+    let assoc = match options.establish(stream) {
         Ok(a) => a,
         Err(e) => {
             warn!(%peer, error = %e, "association not established");
@@ -412,12 +414,7 @@ fn run_association(
         }
     };
     let calling_ae = assoc.peer_ae_title().trim().to_string();
-    for pc in assoc.presentation_contexts() {
-        if pc.reason != PresentationContextResultReason::Acceptance {
-            warn!(%peer, %calling_ae, abstract_syntax = %pc.abstract_syntax, reason = ?pc.reason,
-                "presentation context rejected");
-        }
-    }
+    log_rejected_contexts(peer, &calling_ae, assoc.presentation_contexts());
     debug!(%peer, %calling_ae, "association established");
     let mut conv = Conversation {
         calling_ae,
@@ -429,12 +426,19 @@ fn run_association(
         pending: None,
         stored: 0,
     };
+    let released = converse(&mut conv, assoc);
+    sink.association_ended(released);
+}
+
+/// Runs the association's DIMSE conversation until it ends; true when it ended with an A-RELEASE
+/// and no partial message.
+fn converse(conv: &mut Conversation<'_>, mut assoc: ServerAssociation<TcpStream>) -> bool {
     loop {
         let pdu = match assoc.receive() {
             Ok(p) => p,
             Err(e) => {
                 conv.log_lost(&format!("connection lost: {e}"));
-                return;
+                return false;
             }
         };
         match pdu {
@@ -444,30 +448,60 @@ fn run_association(
                         warn!(peer = %conv.peer, calling_ae = %conv.calling_ae, %reason,
                             "aborting association");
                         let _ = assoc.abort();
-                        return;
+                        return false;
                     }
                 }
             }
             Pdu::ReleaseRQ => {
                 let _ = assoc.send(&Pdu::ReleaseRP);
-                if conv.pending.is_some() || !conv.data.is_empty() {
+                let partial = conv.pending.is_some() || !conv.data.is_empty();
+                if partial {
                     conv.log_lost("released mid-message");
                 }
                 info!(peer = %conv.peer, calling_ae = %conv.calling_ae, stored = conv.stored,
                     "association released");
-                return;
+                return !partial;
             }
             Pdu::AbortRQ { source } => {
                 conv.log_lost(&format!("peer aborted ({source:?})"));
-                return;
+                return false;
             }
             other => {
                 warn!(peer = %conv.peer, pdu = %other.short_description(), "unexpected PDU, aborting");
                 let _ = assoc.abort();
-                return;
+                return false;
             }
         }
     }
+}
+
+/// One line per refused abstract syntax (not per context: a default storescu proposes ~120
+/// contexts, most classes twice), with the context ids and the reason.
+fn log_rejected_contexts(peer: &str, calling_ae: &str, contexts: &[PresentationContextNegotiated]) {
+    let mut by_class: Vec<(&str, Vec<u8>, PresentationContextResultReason)> = Vec::new();
+    for pc in contexts {
+        if pc.reason == PresentationContextResultReason::Acceptance {
+            continue;
+        }
+        match by_class
+            .iter_mut()
+            .find(|(a, _, r)| *a == pc.abstract_syntax && *r == pc.reason)
+        {
+            Some((_, ids, _)) => ids.push(pc.id),
+            None => by_class.push((&pc.abstract_syntax, vec![pc.id], pc.reason.clone())),
+        }
+    }
+    if by_class.is_empty() {
+        return;
+    }
+    let accepted = contexts.len() - by_class.iter().map(|(_, ids, _)| ids.len()).sum::<usize>();
+    for (abstract_syntax, ids, reason) in &by_class {
+        debug!(%peer, %calling_ae, %abstract_syntax, context_ids = ?ids, ?reason,
+            "presentation context rejected");
+    }
+    info!(%peer, %calling_ae, accepted, rejected_classes = by_class.len(),
+        classes = ?by_class.iter().map(|(a, _, r)| format!("{a} ({r:?})")).collect::<Vec<_>>(),
+        "presentation contexts rejected");
 }
 
 /// The DIMSE state of one association.
@@ -485,12 +519,9 @@ struct Conversation<'a> {
 
 impl Conversation<'_> {
     fn log_lost(&self, why: &str) {
-        if let Some((_, cmd)) = &self.pending {
-            let sop = match cmd {
-                Command::StoreRq(r) => r.affected_sop_instance_uid.as_str(),
-                _ => "",
-            };
-            warn!(peer = %self.peer, calling_ae = %self.calling_ae, sop_instance = sop,
+        if self.pending.is_some() {
+            // No SOP Instance UID here: it is an identifier of the patient's data.
+            warn!(peer = %self.peer, calling_ae = %self.calling_ae,
                 received_bytes = self.data.len(),
                 "{why}: partial instance discarded, nothing stored");
         } else {
@@ -578,9 +609,10 @@ impl Conversation<'_> {
 
     /// Parses and hands one instance to the sink; returns the C-STORE status.
     fn store(&mut self, pc: u8, rq: &CStoreRq, data: Vec<u8>) -> (Status, Option<String>) {
+        // `why` goes to the log and the PACS: it never names a study, series or instance UID.
         let fail = |status: Status, why: String| {
             warn!(peer = %self.peer, calling_ae = %self.calling_ae,
-                sop_instance = %rq.affected_sop_instance_uid, status = %status, "C-STORE refused: {why}");
+                sop_class = %rq.affected_sop_class_uid, status = %status, "C-STORE refused: {why}");
             (status, Some(truncate_comment(&why)))
         };
         let Some(ctx) = self.contexts.iter().find(|c| c.id == pc) else {
@@ -636,9 +668,25 @@ impl Conversation<'_> {
             return fail(
                 Status::DATASET_MISMATCH,
                 format!(
-                    "data set UIDs {class:?}/{instance:?} differ from the command's {}/{}",
-                    rq.affected_sop_class_uid, rq.affected_sop_instance_uid
+                    "the data set's SOP class or instance UID differs from the command's \
+                     (class {})",
+                    if class.as_deref() == Some(rq.affected_sop_class_uid.as_str()) {
+                        "matches"
+                    } else {
+                        "differs"
+                    }
                 ),
+            );
+        }
+        if let Err(e) = crate::door::check_pixels(
+            &dataset,
+            &rq.affected_sop_class_uid,
+            &rq.affected_sop_instance_uid,
+            &ctx.transfer_syntax,
+        ) {
+            return fail(
+                Status::CANNOT_UNDERSTAND,
+                format!("unusable pixel data: {e}"),
             );
         }
         let inst = ReceivedInstance {
@@ -651,7 +699,7 @@ impl Conversation<'_> {
         match self.sink.accept(inst) {
             Ok(a) => {
                 self.stored += 1;
-                debug!(sop_instance = %rq.affected_sop_instance_uid, outcome = ?a, "C-STORE");
+                debug!(outcome = ?a, "C-STORE");
                 (Status::SUCCESS, None)
             }
             Err(e) => fail(e.status(), e.to_string()),

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cosilo_bridge::assemble::{
-    AssembledSeries, ManualClock, SeriesAssembler, SeriesSink, DONE_DIR, REFUSED_DIR,
+    AssembledSeries, ManualClock, SeriesAssembler, SeriesSink, SeriesSinkError, SinkOutcome,
+    DONE_DIR, REFUSED_DIR,
 };
 use cosilo_bridge::deid::{DatePolicy, Deidentifier};
 use cosilo_bridge::pipeline::{DeidSink, PipelineConfig};
@@ -29,12 +30,15 @@ struct Recorder {
 }
 
 impl SeriesSink for Recorder {
-    fn import(&self, series: AssembledSeries) -> Result<(), String> {
+    fn import(&self, series: AssembledSeries) -> Result<SinkOutcome, SeriesSinkError> {
         if *self.fail.lock().unwrap() {
-            return Err("store unavailable".to_string());
+            return Err(SeriesSinkError {
+                case_id: series.case_id,
+                source: "store unavailable".into(),
+            });
         }
         self.got.lock().unwrap().push(series);
-        Ok(())
+        Ok(SinkOutcome::Stored)
     }
 }
 
@@ -64,8 +68,14 @@ fn write(dir: &Path, seed: &str, patient: &str) -> Vec<PathBuf> {
     write_series(&volume(seed.len() as u32), &meta, dir).unwrap()
 }
 
-/// Offers each file to `sink` as the SCP would.
+/// Offers each file to `sink` as the SCP would, in one association that ends with a release.
 fn offer(sink: &DeidSink, files: &[PathBuf]) {
+    offer_in_association(sink, files);
+    sink.association_ended(true);
+}
+
+/// Offers each file to `sink` as the SCP would, leaving the association's end to the caller.
+fn offer_in_association(sink: &DeidSink, files: &[PathBuf]) {
     for f in files {
         let obj = open_file(f).unwrap();
         let ts = obj
@@ -194,7 +204,8 @@ fn seg_after_its_series_becomes_labels_on_its_grid() {
 fn restart_picks_up_partial_series_and_sink_failure_keeps_it() {
     let s = setup();
     let files = write(&s.root.join("in/a"), "series-r", "MRN-5");
-    offer(&s.sink, &files[..2]);
+    // The bridge stops mid-association: no release.
+    offer_in_association(&s.sink, &files[..2]);
     // "Restart": a new assembler over the same spool, the rest arrives afterwards.
     let clock = Arc::new(ManualClock::default());
     let assembler = Arc::new(SeriesAssembler::open(&s.spool, QUIET, clock.clone()).unwrap());

@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cosilo_bridge::deid::{days_between, DatePolicy, DeidError, Deidentifier, MappingStore};
+use cosilo_bridge::deid::{
+    days_between, BirthDatePolicy, DatePolicy, DeidError, Deidentifier, MappingStore,
+};
 use dicom::core::header::Header;
 use dicom::core::value::{PrimitiveValue, Value};
 use dicom::core::{DataElement, Tag, VR};
@@ -445,10 +447,40 @@ fn series_still_group_and_references_stay_consistent() {
     );
 }
 
+/// PS3.15 Table E.1-1: PatientBirthDate is `Z` in the Basic Profile and no option retains it, so
+/// by default it is emptied under every date policy (a shifted birth date keeps the exact age).
+#[test]
+fn birth_date_is_emptied_by_default_under_every_date_policy() {
+    let (mut ct, _) = open(&pydicom_file("CT_small.dcm"));
+    ct.put(DataElement::new(
+        Tag(0x0010, 0x0030),
+        VR::DA,
+        PrimitiveValue::from("19500612"),
+    ));
+    for policy in [
+        DatePolicy::Remove,
+        DatePolicy::ShiftPerPatient { max_days: 365 },
+        DatePolicy::KeepYear,
+    ] {
+        let out = Deidentifier::new(SECRET, policy)
+            .unwrap()
+            .deidentify(&ct)
+            .unwrap();
+        assert_eq!(text(&out.object, Tag(0x0010, 0x0030)), "", "{policy:?}");
+        assert!(
+            out.object.element(Tag(0x0010, 0x0030)).is_ok(),
+            "type 2: kept, empty"
+        );
+    }
+}
+
 #[test]
 fn date_shift_preserves_intervals_within_a_patient() {
     let max_days = 30;
-    let deid = Deidentifier::new(SECRET, DatePolicy::ShiftPerPatient { max_days }).unwrap();
+    // The birth date follows the shift only when the site asks for it (beyond PS3.15).
+    let deid = Deidentifier::new(SECRET, DatePolicy::ShiftPerPatient { max_days })
+        .unwrap()
+        .with_birth_date(BirthDatePolicy::FollowDatePolicy);
     let (ct, _) = open(&pydicom_file("CT_small.dcm"));
     let dates = [("19500612", "20040119"), ("19500612", "20051231")];
     let mut shifted = Vec::new();
@@ -559,4 +591,38 @@ fn secret_too_short_is_refused() {
         Deidentifier::new(b"short", DatePolicy::Remove),
         Err(DeidError::SecretTooShort { len: 5 })
     ));
+}
+
+/// The mapping holds re-identification data and the key makes every pseudonym: both 0600, and a
+/// looser mode is refused (like the federation's signing key), never silently used.
+#[cfg(unix)]
+#[test]
+fn mapping_is_created_0600_and_loose_key_or_mapping_files_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = MappingStore::open(dir.path()).unwrap();
+    let mode = std::fs::metadata(mapping.path())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "pseudonyms.jsonl mode {mode:o}");
+    drop(mapping);
+    let path = dir.path().join(MappingStore::FILE_NAME);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(matches!(
+        MappingStore::open(dir.path()),
+        Err(DeidError::Permissions { mode: 0o644, .. })
+    ));
+
+    let key = dir.path().join("deid.key");
+    std::fs::write(&key, SECRET).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Deidentifier::from_key_file(&key, DatePolicy::Remove).unwrap_err();
+    assert!(
+        matches!(err, DeidError::Permissions { mode: 0o644, .. }),
+        "{err}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(Deidentifier::from_key_file(&key, DatePolicy::Remove).is_ok());
 }

@@ -169,8 +169,15 @@ fn outbox_retries_through_an_orthanc_outage() -> Result<()> {
     drop(ob);
     orthanc.restart()?;
     let ob = Outbox::open(&dir, policy)?;
-    std::thread::sleep(Duration::from_millis(250));
-    let r = ob.run_once()?;
+    // Passes until the item is due again and sent (against a deadline, not a fixed wait).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let r = loop {
+        let r = ob.run_once()?;
+        if r.sent > 0 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(r.sent, 1, "{r:?} {:?}", ob.pending()?);
     assert!(ob.pending()?.is_empty());
     assert_eq!(orthanc.sop_instance_uids()?, vec![sop_uid(&files[0])?]);

@@ -18,6 +18,19 @@ use dicom_ul::pdu::{PDataValue, PDataValueType};
 use dicom_ul::{ClientAssociation, ClientAssociationOptions, Pdu};
 use net_support::*;
 
+/// Polls `f` every 20 ms until it holds, failing after 10 s.
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 fn peer(scp: &TestScp) -> PeerAe {
     PeerAe::new("COSILO", &scp.addr(), "TESTSCU")
 }
@@ -313,7 +326,12 @@ fn aborted_association_mid_transfer_leaves_no_partial_file() -> Result<()> {
         false,
     )?;
     drop(b);
-    std::thread::sleep(Duration::from_millis(300));
+    // Not vacuous: wait until the SCP has ended both associations, then look.
+    wait_until("both associations ended", || {
+        scp.handle
+            .as_ref()
+            .is_some_and(|h| h.active_associations() == 0)
+    })?;
     assert!(scp.files().is_empty(), "{:?}", scp.files());
     Ok(())
 }
@@ -370,7 +388,11 @@ fn associations_beyond_the_limit_are_rejected_until_one_ends() -> Result<()> {
     let e = scu::echo(&peer(&scp)).unwrap_err();
     assert!(e.to_string().contains("associate"), "{e}");
     held.release()?;
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until("the held association ended", || {
+        scp.handle
+            .as_ref()
+            .is_some_and(|h| h.active_associations() == 0)
+    })?;
     scu::echo(&peer(&scp))?;
     Ok(())
 }
@@ -382,7 +404,10 @@ fn stop_lets_a_running_association_finish() -> Result<()> {
     let handle = scp.handle.take().expect("running");
     let addr = handle.local_addr();
     let stopper = std::thread::spawn(move || handle.stop());
-    std::thread::sleep(Duration::from_millis(200));
+    // Stopping has begun once a new association is refused.
+    wait_until("stop refuses new associations", || {
+        scu::echo(&PeerAe::new("COSILO", &addr.to_string(), "TESTSCU")).is_err()
+    })?;
     // ...but the running association completes its store within the grace period.
     let (uid, bytes) = encoded_slice("1.2.826.0.1.3680043.8.498.8.1", 0)?;
     send_raw(&mut a, pc, &store_rq(&uid), &bytes, true)?;

@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+pub mod bridge_process;
 pub mod brokers;
 pub mod federation_harness;
 pub mod orthanc;

@@ -8,18 +8,18 @@
 //! Needs the release `cosilo` binary (`cargo build --release -p cosilo-appliance --bin cosilo`) and
 //! dcmtk's `storescu`; a missing one fails the test saying so.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use cosilo_sdk::dicom::{
     read_series_dir, write_seg, write_series, AlgorithmInfo, Modality, SegmentDescription,
     SeriesMeta,
 };
 use cosilo_sdk::volume::{Geometry, Volume};
 use cosilo_store::{Split, Store};
+use cosilo_tests::bridge_process::{assert_log_free_of, cosilo_with_bridge, BridgeProcess};
 
 const PATIENT_NAME: &str = "Lindqvist^Ingrid";
 const PATIENT_ID: &str = "PID-H9-77310";
@@ -28,178 +28,21 @@ const ACCESSION: &str = "ACCH9X4471";
 const QUIET_S: u64 = 2;
 
 fn cosilo_bin() -> Result<PathBuf> {
-    let bin = cosilo_tests::workspace_root().join("target/release/cosilo");
-    let ok = Command::new(&bin)
-        .args(["bridge", "--help"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    ensure!(
-        ok,
-        "{} has no `bridge` command: cargo build --release -p cosilo-appliance --bin cosilo",
-        bin.display()
-    );
-    Ok(bin)
+    cosilo_with_bridge()
 }
 
-/// A bridge configuration under `root`: loopback port 0, short quiet period, no disk reserve.
+/// Log filter: INFO, plus the assembler's DEBUG lines (a resend that changes nothing says so only
+/// there).
+const RUST_LOG: &str = "info,cosilo_bridge::assemble=debug";
+/// Long enough for any wait below on a loaded machine; a pass never waits for it.
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn start(bin: &Path, config: &Path, store: &Path, log: &Path) -> Result<BridgeProcess> {
+    BridgeProcess::start(bin, config, store, log.to_path_buf(), RUST_LOG)
+}
+
 fn write_config(root: &Path) -> Result<PathBuf> {
-    let secret = root.join("deid.key");
-    std::fs::write(&secret, b"bridge-pipeline-test-secret-0123456789")?;
-    let mut text = cosilo_bridge::pipeline::DEFAULT_CONFIG.to_string();
-    for (from, to) in [
-        (
-            "state_dir = \"/var/lib/cosilo/bridge\"".to_string(),
-            format!("state_dir = {:?}", root.join("state")),
-        ),
-        (
-            "bind = \"0.0.0.0:11112\"".into(),
-            "bind = \"127.0.0.1:0\"".into(),
-        ),
-        (
-            "spool_dir = \"/var/lib/cosilo/spool\"".into(),
-            format!("spool_dir = {:?}", root.join("spool")),
-        ),
-        (
-            "reserve_bytes = 5368709120".into(),
-            "reserve_bytes = 0".into(),
-        ),
-        (
-            "outbox_dir = \"/var/lib/cosilo/outbox\"".into(),
-            format!("outbox_dir = {:?}", root.join("outbox")),
-        ),
-        (
-            "secret_file = \"/etc/cosilo/deid.key\"".into(),
-            format!("secret_file = {secret:?}"),
-        ),
-        (
-            "quiet_period_s = 30".into(),
-            format!("quiet_period_s = {QUIET_S}"),
-        ),
-        (
-            "poll_interval_ms = 1000".into(),
-            "poll_interval_ms = 200".into(),
-        ),
-    ] {
-        ensure!(text.contains(&from), "default config lacks {from}");
-        text = text.replace(&from, &to);
-    }
-    let path = root.join("bridge.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
-}
-
-/// `cosilo bridge` as a child process; SIGTERMed (then killed) on drop.
-struct BridgeProcess {
-    child: Child,
-    log: PathBuf,
-    port: u16,
-}
-
-impl BridgeProcess {
-    fn start(bin: &Path, config: &Path, store: &Path, log: PathBuf) -> Result<BridgeProcess> {
-        let err = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let mut child = Command::new(bin)
-            .args(["bridge", "--hospital", "h9", "--config"])
-            .arg(config)
-            .arg("--store")
-            .arg(store)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(err)
-            .spawn()
-            .context("starting cosilo bridge")?;
-        let out = child.stdout.take().context("bridge stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut p = BridgeProcess {
-            child,
-            log,
-            port: 0,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.starts_with("listening on") => {
-                    let addr = line.trim_start_matches("listening on").trim();
-                    p.port = addr
-                        .rsplit(':')
-                        .next()
-                        .and_then(|s| s.parse().ok())
-                        .with_context(|| format!("no port in {line:?}"))?;
-                    return Ok(p);
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    if let Some(s) = p.child.try_wait()? {
-                        bail!("the bridge exited with {s}:\n{}", p.log_text());
-                    }
-                    ensure!(
-                        Instant::now() < deadline,
-                        "the bridge did not listen in 20 s"
-                    );
-                }
-            }
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM; the exit must be clean within 20 s.
-    fn stop(mut self) -> Result<()> {
-        let st = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        ensure!(st.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.child.try_wait()? {
-                ensure!(s.success(), "bridge exited with {s}:\n{}", self.log_text());
-                return Ok(());
-            }
-            ensure!(Instant::now() < deadline, "no exit within 20 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL, no chance to clean up.
-    fn kill9(mut self) -> Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for BridgeProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    cosilo_tests::bridge_process::write_config(root, QUIET_S, 3600)
 }
 
 /// dcmtk `storescu` with Nagle off; fails unless every instance was stored.
@@ -314,9 +157,9 @@ fn series_then_seg_through_the_running_bridge() -> Result<()> {
     let log = root.join("bridge.log");
 
     // 1. The series arrives, waits out the quiet period, and is imported unlabelled.
-    let b = BridgeProcess::start(&bin, &config, &store_dir, log.clone())?;
+    let mut b = start(&bin, &config, &store_dir, &log)?;
     storescu(b.port, &files)?;
-    std::thread::sleep(Duration::from_secs(QUIET_S + 3));
+    b.wait_log("series imported", 1, LIMIT)?;
     b.stop()?;
     let case_id = {
         let store = Store::open(&store_dir)?;
@@ -342,11 +185,19 @@ fn series_then_seg_through_the_running_bridge() -> Result<()> {
         ensure!(!case_id.contains(n.as_str()), "case id {case_id} holds {n}");
     }
 
-    // 2. A resend lands on the same case.
-    let b = BridgeProcess::start(&bin, &config, &store_dir, log.clone())?;
+    // 2. A resend lands on the same case, and says nothing at INFO.
+    let mut b = start(&bin, &config, &store_dir, &log)?;
     storescu(b.port, &files)?;
-    std::thread::sleep(Duration::from_secs(QUIET_S + 3));
+    b.wait_log("series handed over again; the store had it", 1, LIMIT)?;
     b.stop()?;
+    ensure!(
+        std::fs::read_to_string(&log)?
+            .lines()
+            .filter(|l| l.contains("series imported"))
+            .count()
+            == 1,
+        "a resend that changed nothing was logged as an import"
+    );
     {
         let store = Store::open(&store_dir)?;
         ensure!(
@@ -384,9 +235,9 @@ fn series_then_seg_through_the_running_bridge() -> Result<()> {
         &AlgorithmInfo::new("bridge-pipeline-test", "1"),
         &seg,
     )?;
-    let b = BridgeProcess::start(&bin, &config, &store_dir, log.clone())?;
+    let mut b = start(&bin, &config, &store_dir, &log)?;
     storescu(b.port, std::slice::from_ref(&seg))?;
-    std::thread::sleep(Duration::from_secs(QUIET_S + 3));
+    b.wait_log("series imported", 2, LIMIT)?;
     b.stop()?;
     {
         let store = Store::open(&store_dir)?;
@@ -415,6 +266,7 @@ fn series_then_seg_through_the_running_bridge() -> Result<()> {
         );
     }
     assert_absent(&[root.join("spool"), store_dir.clone()], &needles)?;
+    assert_log_free_of(&std::fs::read_to_string(&log)?, &needles)?;
     Ok(())
 }
 
@@ -432,7 +284,7 @@ fn acknowledged_instances_survive_kill_9_before_assembly() -> Result<()> {
     let files = write_series(&ct_volume(), &series_meta(), root.join("series"))?;
     let log = root.join("bridge.log");
 
-    let b = BridgeProcess::start(&bin, &config, &store_dir, log.clone())?;
+    let b = start(&bin, &config, &store_dir, &log)?;
     let t0 = Instant::now();
     storescu(b.port, &files)?; // every instance acknowledged
     b.kill9()?;
@@ -447,8 +299,8 @@ fn acknowledged_instances_survive_kill_9_before_assembly() -> Result<()> {
             "imported before the quiet period ended"
         );
     }
-    let b = BridgeProcess::start(&bin, &config, &store_dir, log.clone())?;
-    std::thread::sleep(Duration::from_secs(6 + 4));
+    let mut b = start(&bin, &config, &store_dir, &log)?;
+    b.wait_log("series imported", 1, LIMIT)?;
     b.stop()?;
     let store = Store::open(&store_dir)?;
     let ids = store.case_ids(Some(Split::Unlabelled))?;
@@ -458,5 +310,414 @@ fn acknowledged_instances_survive_kill_9_before_assembly() -> Result<()> {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     ensure!(store.case_meta(&ids[0])?.geometry.dims == [24, 20, 6]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interrupted transfers of the real 108-slice head CT: each ends with exactly one complete case
+// whose voxels equal the full series, never a partial case.
+
+/// The real CT (`cosilo data dicom`: 108 files of 256 × 256) with its identified header, and its
+/// volume as the SDK reads it from the original files.
+struct RealCt {
+    files: Vec<PathBuf>,
+    volume: Volume<f32>,
+    /// Every original identifier: names, IDs, accession, birth date and all UIDs.
+    needles: Vec<String>,
+}
+
+fn real_ct(root: &Path) -> Result<RealCt> {
+    let cache = cosilo_lab::fetch::default_cache_dir();
+    let report = cosilo_appliance::dicom_data::write_dicom_data(&cache, &root.join("data"), None)
+        .context("the real CT (cosilo data fetch fills the cache)")?;
+    let dir = report.ct_dir;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    files.sort();
+    ensure!(
+        files.len() == 108,
+        "{} files in {}",
+        files.len(),
+        dir.display()
+    );
+    let volume = read_series_dir(&dir)?.volume;
+    let meta = cosilo_appliance::dicom_data::ct_meta();
+    let mut needles = vec![
+        meta.patient_name.clone(),
+        meta.patient_id.clone(),
+        meta.accession_number.clone(),
+        meta.patient_birth_date.clone(),
+        meta.referring_physician_name.clone(),
+        "Moreira".to_string(),
+    ];
+    needles.extend(uids_of(&files)?);
+    Ok(RealCt {
+        files,
+        volume,
+        needles,
+    })
+}
+
+/// pynetdicom sends the first `n` files in one association and ends it as `mode` says (see
+/// tests/py/send_partial.py); returns the child once it printed "sent n".
+fn send_partial(port: u16, mode: &str, n: usize, files: &[PathBuf]) -> Result<Child> {
+    let script = cosilo_tests::workspace_root().join("tests/py/send_partial.py");
+    let mut child = Command::new(cosilo_tests::python())
+        .arg(script)
+        .args([
+            "127.0.0.1",
+            &port.to_string(),
+            "COSILO",
+            mode,
+            &n.to_string(),
+        ])
+        .args(files)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running tests/py/send_partial.py (pynetdicom in .venv)")?;
+    let out = child.stdout.take().context("sender stdout")?;
+    let want = format!("sent {n}");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+        let line = line?;
+        if line == want {
+            return Ok(child);
+        }
+        ensure!(line.starts_with("sent "), "sender: {line}");
+    }
+    let status = child.wait()?;
+    anyhow::bail!("the sender ended ({status}) before {want}")
+}
+
+/// Exactly one case in the store, complete: 108 slices, voxels equal to the full series. Returns
+/// its id.
+fn one_complete_case(store_dir: &Path, ct: &RealCt) -> Result<String> {
+    let store = Store::open(store_dir)?;
+    let ids = store.case_ids(None)?;
+    ensure!(ids.len() == 1, "exactly one case expected, got {ids:?}");
+    let case = store.load_case(&ids[0])?;
+    ensure!(
+        case.meta.geometry.dims == ct.volume.geometry.dims,
+        "dims {:?}, the series has {:?}",
+        case.meta.geometry.dims,
+        ct.volume.geometry.dims
+    );
+    ensure!(
+        case.meta.geometry.same_grid(&ct.volume.geometry, 1e-3),
+        "grid differs"
+    );
+    ensure!(
+        case.image.data == ct.volume.data,
+        "voxels differ from the full series"
+    );
+    Ok(ids[0].clone())
+}
+
+/// Lines of the log that say a case was stored.
+fn imports(log: &Path) -> Result<usize> {
+    Ok(std::fs::read_to_string(log)?
+        .lines()
+        .filter(|l| l.contains("series imported") || l.contains("case replaced"))
+        .count())
+}
+
+fn interrupted_setup(root: &Path) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf, RealCt)> {
+    let bin = cosilo_bin()?;
+    let config = write_config(root)?;
+    Ok((
+        bin,
+        config,
+        root.join("store"),
+        root.join("bridge.log"),
+        real_ct(root)?,
+    ))
+}
+
+#[test]
+fn aborted_association_waits_and_the_resend_makes_one_complete_case() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (bin, config, store_dir, log, ct) = interrupted_setup(tmp.path())?;
+    let t0 = Instant::now();
+    let mut b = start(&bin, &config, &store_dir, &log)?;
+    let mut sender = send_partial(b.port, "abort", 50, &ct.files)?;
+    sender.wait()?;
+    // After the quiet period the 50 instances are not a case: they wait for the rest.
+    b.wait_log("series incomplete, waiting for the rest", 1, LIMIT)?;
+    ensure!(imports(&log)? == 0, "a partial case was imported");
+    storescu(b.port, &ct.files)?;
+    b.wait_log("series imported", 1, LIMIT)?;
+    b.stop()?;
+    one_complete_case(&store_dir, &ct)?;
+    ensure!(imports(&log)? == 1);
+    let lines = assert_log_free_of(&std::fs::read_to_string(&log)?, &ct.needles)?;
+    println!(
+        "aborted after 50/108, resent: one case of 108 slices in {:.1} s; {lines} log lines, no identifier",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[test]
+fn killed_sender_waits_and_the_resend_makes_one_complete_case() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (bin, config, store_dir, log, ct) = interrupted_setup(tmp.path())?;
+    let t0 = Instant::now();
+    let mut b = start(&bin, &config, &store_dir, &log)?;
+    // The sender dies without a release or an abort (its socket is closed by the kernel).
+    let mut sender = send_partial(b.port, "hold", 12, &ct.files)?;
+    sender.kill()?;
+    sender.wait()?;
+    b.wait_log("series incomplete, waiting for the rest", 1, LIMIT)?;
+    ensure!(imports(&log)? == 0, "a partial case was imported");
+    storescu(b.port, &ct.files)?;
+    b.wait_log("series imported", 1, LIMIT)?;
+    b.stop()?;
+    one_complete_case(&store_dir, &ct)?;
+    assert_log_free_of(&std::fs::read_to_string(&log)?, &ct.needles)?;
+    println!(
+        "sender killed after 12/108, resent: one case of 108 slices in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[test]
+fn killed_bridge_resent_late_makes_one_complete_case() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (bin, config, store_dir, log, ct) = interrupted_setup(tmp.path())?;
+    let t0 = Instant::now();
+    let b = start(&bin, &config, &store_dir, &log)?;
+    let mut sender = send_partial(b.port, "hold", 8, &ct.files)?;
+    b.kill9()?; // mid-association: 8 instances acknowledged and durable, no release
+    sender.kill()?;
+    sender.wait()?;
+    let mut b = start(&bin, &config, &store_dir, &log)?;
+    // The restarted bridge finds the 8 without a clean release: they wait, past the quiet period.
+    b.wait_log("series incomplete, waiting for the rest", 1, LIMIT)?;
+    ensure!(imports(&log)? == 0, "a partial case was imported");
+    storescu(b.port, &ct.files)?; // resent late: after the quiet period
+    b.wait_log("series imported", 1, LIMIT)?;
+    b.stop()?;
+    one_complete_case(&store_dir, &ct)?;
+    assert_log_free_of(&std::fs::read_to_string(&log)?, &ct.needles)?;
+    println!(
+        "bridge killed after 8/108, restarted, resent late: one case of 108 slices in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[test]
+fn gap_filled_late_makes_one_complete_case() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (bin, config, store_dir, log, ct) = interrupted_setup(tmp.path())?;
+    let t0 = Instant::now();
+    let mut b = start(&bin, &config, &store_dir, &log)?;
+    let mut most = ct.files.clone();
+    let missing = most.remove(53);
+    storescu(b.port, &most)?;
+    b.wait_log("series refused", 1, LIMIT)?;
+    ensure!(imports(&log)? == 0, "a case with a gap was imported");
+    // The refusal names no spool path (they move) and no identifier.
+    let refusal = std::fs::read_to_string(&log)?
+        .lines()
+        .find(|l| l.contains("series refused"))
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        !refusal.contains("/spool/"),
+        "refusal cites a spool path: {refusal}"
+    );
+    storescu(b.port, std::slice::from_ref(&missing))?;
+    b.wait_log("series imported", 1, LIMIT)?;
+    b.stop()?;
+    one_complete_case(&store_dir, &ct)?;
+    ensure!(imports(&log)? == 1);
+    assert_log_free_of(&std::fs::read_to_string(&log)?, &ct.needles)?;
+    println!(
+        "107/108 refused for the gap, the 108th alone later: one case of 108 slices in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_partial_case_is_replaced_by_the_complete_series_with_its_reason() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (bin, config, store_dir, log, ct) = interrupted_setup(tmp.path())?;
+    let mut b = start(&bin, &config, &store_dir, &log)?;
+    // A sender that releases after 50: no evidence says the series is incomplete.
+    let mut sender = send_partial(b.port, "release", 50, &ct.files)?;
+    sender.wait()?;
+    b.wait_log("series imported", 1, LIMIT)?;
+    storescu(b.port, &ct.files)?;
+    b.wait_log("case replaced by a more complete series", 1, LIMIT)?;
+    b.stop()?;
+    let id = one_complete_case(&store_dir, &ct)?;
+    let history = Store::open(&store_dir)?.case_history(&id)?;
+    ensure!(history.len() == 1, "{history:?}");
+    ensure!(
+        history[0].reason.contains("108") && history[0].reason.contains("50"),
+        "{history:?}"
+    );
+    // Managed from the command line too (the bridge is stopped: the store is free). While a
+    // process holds the store, `cases` changes nothing and says why.
+    let holder = Store::open(&store_dir)?;
+    let out = Command::new(&bin)
+        .args(["cases", "--store"])
+        .arg(&store_dir)
+        .args(["remove", &id])
+        .output()?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(holder);
+    let out = Command::new(&bin)
+        .args(["cases", "--store"])
+        .arg(&store_dir)
+        .arg("list")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = String::from_utf8_lossy(&out.stdout);
+    ensure!(list.contains(&id) && list.contains("256x256x108"), "{list}");
+    let out = Command::new(&bin)
+        .args(["cases", "--store"])
+        .arg(&store_dir)
+        .args(["show", &id])
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).contains("series resent"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new(&bin)
+        .args(["cases", "--store"])
+        .arg(&store_dir)
+        .args(["remove", &id])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(Store::open(&store_dir)?.case_ids(None)?.is_empty());
+    assert_log_free_of(&std::fs::read_to_string(&log)?, &ct.needles)?;
+    Ok(())
+}
+
+/// Identified data through every refusal and error path the bridge has, at DEBUG: not one log
+/// line names an original identifier.
+#[test]
+fn identifiers_never_reach_the_log_on_any_refusal_path() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let (bin, config, store_dir, log, ct) = interrupted_setup(root)?;
+    // Bad variants of a real, identified instance, written by pydicom.
+    let bad = root.join("bad");
+    std::fs::create_dir_all(&bad)?;
+    let code = format!(
+        "import pydicom\nsrc = {src:?}\nout = {out:?}\n\
+         ds = pydicom.dcmread(src); ds.BurnedInAnnotation = 'YES'; ds.save_as(out + '/burned.dcm')\n\
+         ds = pydicom.dcmread(src); ds.PixelData = ds.PixelData[:1000]; ds.save_as(out + '/short.dcm')\n\
+         ds = pydicom.dcmread(src); del ds.StudyInstanceUID; ds.save_as(out + '/nostudy.dcm')\n",
+        src = ct.files[0].display().to_string(),
+        out = bad.display().to_string()
+    );
+    let out = Command::new(cosilo_tests::python())
+        .args(["-c", &code])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let send_as_is = cosilo_tests::workspace_root().join("bridge/tests/py/send_as_is.py");
+
+    let mut b = BridgeProcess::start(&bin, &config, &store_dir, log.clone(), "debug")?;
+    let port = b.port.to_string();
+    // 1. Refused instances: burned-in text, short pixel data, no StudyInstanceUID.
+    let out = Command::new(cosilo_tests::python())
+        .arg(&send_as_is)
+        .args(["127.0.0.1", &port, "COSILO"])
+        .args(["burned.dcm", "short.dcm", "nostudy.dcm"].map(|f| bad.join(f)))
+        .output()?;
+    let answers = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        answers.lines().count() == 3 && !answers.contains("\"status\": 0,"),
+        "every bad instance refused: {answers}"
+    );
+    // 2. Wrong called AE title.
+    let out = Command::new("storescu")
+        .env("TCP_NODELAY", "1")
+        .args(["-aec", "NOT-COSILO", "127.0.0.1", &port])
+        .arg(&ct.files[0])
+        .output()?;
+    ensure!(!out.status.success(), "a wrong called AE must be rejected");
+    // 3. An aborted association and a killed sender.
+    send_partial(b.port, "abort", 3, &ct.files)?.wait()?;
+    let mut s = send_partial(b.port, "hold", 2, &ct.files[3..])?;
+    s.kill()?;
+    s.wait()?;
+    b.wait_log("series incomplete, waiting for the rest", 1, LIMIT)?;
+    // 4. A series with a gap, refused.
+    let mut gap = ct.files[10..20].to_vec();
+    gap.remove(4);
+    storescu(b.port, &gap)?;
+    b.wait_log("series refused", 1, LIMIT)?;
+    // 5. A default storescu association (many contexts rejected) for the rest of the series.
+    storescu_default(b.port, &ct.files[20..])?;
+    b.stop()?;
+    let text = std::fs::read_to_string(&log)?;
+    for expected in [
+        "BurnedInAnnotation is YES",
+        "unusable pixel data",
+        "StudyInstanceUID",
+        "called AE title is not ours",
+        "peer aborted",
+        "connection lost",
+        "presentation contexts rejected",
+    ] {
+        ensure!(
+            text.to_lowercase().contains(&expected.to_lowercase()),
+            "the log never shows {expected:?}: the path was not exercised\n{text}"
+        );
+    }
+    // One INFO line per association for its rejected contexts, not one per context.
+    let rejected_info = text
+        .lines()
+        .filter(|l| l.contains("INFO") && l.contains("presentation contexts rejected"))
+        .count();
+    ensure!(
+        rejected_info == 1,
+        "{rejected_info} INFO lines for rejected contexts"
+    );
+    let lines = assert_log_free_of(&text, &ct.needles)?;
+    println!(
+        "{lines} DEBUG log lines scanned for {} identifiers: none found",
+        ct.needles.len()
+    );
+    Ok(())
+}
+
+/// dcmtk `storescu` with its default (long) list of proposed contexts.
+fn storescu_default(port: u16, files: &[PathBuf]) -> Result<()> {
+    let out = Command::new("storescu")
+        .env("TCP_NODELAY", "1")
+        .args(["-aec", "COSILO", "127.0.0.1", &port.to_string()])
+        .args(files)
+        .output()
+        .context("running storescu")?;
+    ensure!(
+        out.status.success(),
+        "storescu failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }

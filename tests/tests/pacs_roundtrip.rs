@@ -570,7 +570,7 @@ fn pacs_roundtrip_deidentifies_imports_and_writes_back_a_seg() -> Result<()> {
 
     // --- The bridge into a store, with a short quiet period. ---
     let secret = root.join("deid.key");
-    std::fs::write(&secret, b"h8 pacs round-trip test secret, 32+ bytes")?;
+    cosilo_tests::bridge_process::write_key(&secret, b"h8 pacs round-trip test secret, 32+ bytes")?;
     let mut cfg = PipelineConfig::default_config()?;
     cfg.state_dir = root.join("bridge-state");
     cfg.network.ae_title = OUR_AE.into();

@@ -2,14 +2,16 @@
 //! [`cosilo_bridge::assemble`] become cases in the site's [`Store`].
 //!
 //! An image-only series becomes an [`Split::Unlabelled`] case; when a SEG referencing it arrives,
-//! the same case is stored again with its labels in the [`Split::Train`] split. Case ids are the
-//! pseudonymous `<patient>-<series UID>` the bridge made; nothing identifying reaches the store.
+//! the same case is stored again with its labels in the [`Split::Train`] split. A series the
+//! bridge re-assembled with more instances ([`AssembledSeries::replaces`]) replaces the case in
+//! one transaction, with the reason kept in the case's history. Case ids are the pseudonymous
+//! `<patient>-<series UID>` the bridge made; nothing identifying reaches the store.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cosilo_bridge::assemble::{AssembledSeries, SeriesSink};
+use cosilo_bridge::assemble::{AssembledSeries, SeriesSink, SeriesSinkError, SinkOutcome};
 
-use cosilo_store::{Provenance, Split, Store};
+use cosilo_store::{ImportOutcome, Provenance, Split, Store};
 
 /// Imports the bridge's series into a store, naming `hospital` in each case's provenance.
 #[derive(Debug, Clone)]
@@ -29,7 +31,7 @@ impl StoreSeriesSink {
 }
 
 impl SeriesSink for StoreSeriesSink {
-    fn import(&self, series: AssembledSeries) -> Result<(), String> {
+    fn import(&self, series: AssembledSeries) -> Result<SinkOutcome, SeriesSinkError> {
         let split = if series.labels.is_some() {
             Split::Train
         } else {
@@ -53,24 +55,36 @@ impl SeriesSink for StoreSeriesSink {
                 .unwrap_or(0),
             tool_version: concat!("cosilo-appliance ", env!("CARGO_PKG_VERSION")).to_string(),
         };
-        self.store
-            .import_volume(
-                &series.case_id,
-                split,
-                &series.image,
-                series.labels.as_ref(),
-                provenance,
-            )
-            .map(|_| ())
-            .map_err(|e| {
-                let mut s = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(c) = src {
-                    s.push_str(": ");
-                    s.push_str(&c.to_string());
-                    src = c.source();
-                }
-                s
-            })
+        let err = |e: cosilo_store::StoreError| SeriesSinkError {
+            case_id: series.case_id.clone(),
+            source: Box::new(e),
+        };
+        let outcome = match &series.replaces {
+            Some(r) => self
+                .store
+                .replace_volume(
+                    &series.case_id,
+                    split,
+                    &series.image,
+                    series.labels.as_ref(),
+                    provenance,
+                    &r.reason,
+                )
+                .map_err(err)?,
+            None => self
+                .store
+                .import_volume(
+                    &series.case_id,
+                    split,
+                    &series.image,
+                    series.labels.as_ref(),
+                    provenance,
+                )
+                .map_err(err)?,
+        };
+        Ok(match outcome {
+            ImportOutcome::Imported => SinkOutcome::Stored,
+            ImportOutcome::AlreadyPresent => SinkOutcome::Unchanged,
+        })
     }
 }

@@ -59,6 +59,13 @@ enum Command {
     /// Run the PACS bridge: receive DICOM (C-STORE), de-identify, assemble series and import
     /// them into the store (image-only cases as "unlabelled"; labelled when a SEG arrives).
     Bridge(BridgeArgs),
+    /// The store's cases: list, show one (with its history), remove one.
+    Cases {
+        #[command(subcommand)]
+        cmd: cmd::cases::CasesCommand,
+        #[command(flatten)]
+        store: cmd::StoreDir,
+    },
     /// Write a result back to the PACS: segment a case's de-identified series (from the bridge's
     /// spool) with a bundle, write a DICOM SEG against the PACS's own identifiers and queue it in
     /// the bridge's outbox (durable before "queued"); the running bridge delivers it.
@@ -97,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Import(args) => cmd::import::import(args),
         Command::Bridge(args) => cmd::bridge::bridge(args),
+        Command::Cases { cmd, store } => cmd::cases::run(&store.path, cmd),
         Command::Writeback(args) => cmd::writeback::writeback(args),
         Command::Segment(args) => cmd::segment::segment(args),
         Command::Train(args) => cmd::train::train(args),

@@ -22,6 +22,7 @@ pub mod case;
 pub mod checkpoint;
 pub mod error;
 pub mod import;
+pub mod manage;
 pub mod volume_import;
 
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ use sha2::{Digest, Sha256};
 pub use case::{Case, CaseMeta, ImportOutcome, Provenance, Split, GRID_TOLERANCE_MM};
 pub use error::{BackendError, StoreError};
 pub use import::{ImportReport, ImportRequest, ManifestError, Refusal};
+pub use manage::CaseChange;
 
 /// The on-disk layout this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;

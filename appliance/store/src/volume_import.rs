@@ -29,83 +29,13 @@ impl Store {
         label: Option<&Volume<u8>>,
         provenance: Provenance,
     ) -> Result<ImportOutcome, StoreError> {
-        validate_name("case id", id)?;
-        let what = |p: &Provenance| std::path::PathBuf::from(&p.image_file);
-        let image_path = what(&provenance);
-        if (label.is_none()) != (split == Split::Unlabelled) {
-            return Err(StoreError::InvalidName {
-                what: "split",
-                name: split.to_string(),
-                reason: "image-only cases go to \"unlabelled\", labelled ones to train or test",
-            });
-        }
-        let n = image.geometry.len();
-        if n == 0 || image.data.len() != n {
-            return Err(StoreError::GridMismatch {
-                image: image_path.clone(),
-                label: image_path.clone(),
-                reason: format!(
-                    "image has {} voxels for grid {:?}",
-                    image.data.len(),
-                    image.geometry.dims
-                ),
-            });
-        }
-        if let Some((index, value)) = image.data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(StoreError::LabelValue {
-                file: image_path,
-                index,
-                value: *value,
-            });
-        }
-        let label_bytes: Vec<u8> = match label {
-            Some(l) => {
-                if l.geometry.dims != image.geometry.dims
-                    || !l.geometry.same_grid(&image.geometry, GRID_TOLERANCE_MM)
-                    || l.data.len() != n
-                {
-                    return Err(StoreError::GridMismatch {
-                        image: image_path,
-                        label: std::path::PathBuf::from(&provenance.label_file),
-                        reason: format!(
-                            "label grid {:?} is not the image grid {:?}",
-                            l.geometry, image.geometry
-                        ),
-                    });
-                }
-                l.data.clone()
-            }
-            None => vec![0u8; n],
-        };
-        let mut image_bytes = Vec::with_capacity(n * 4);
-        for v in &image.data {
-            image_bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        let mut label_counts = Vec::new();
-        for &v in &label_bytes {
-            let v = usize::from(v);
-            if v >= label_counts.len() {
-                label_counts.resize(v + 1, 0u64);
-            }
-            label_counts[v] += 1;
-        }
-        let meta = CaseMeta {
-            id: id.to_string(),
-            split,
-            geometry: image.geometry.clone(),
-            image_sha256: sha256_hex(&image_bytes),
-            label_sha256: sha256_hex(&label_bytes),
-            label_counts,
-            provenance,
-        };
-        let meta_bytes =
-            IVec::from(
-                serde_json::to_vec(&meta).map_err(|source| StoreError::Encode {
-                    what: format!("metadata of case {id}"),
-                    source,
-                })?,
-            );
-        let (image_bytes, label_bytes) = (IVec::from(image_bytes), IVec::from(label_bytes));
+        let PreparedVolume {
+            meta,
+            meta_bytes,
+            image_bytes,
+            label_bytes,
+        } = prepare_volume(id, split, image, label, provenance)?;
+
         let key = id.as_bytes();
         let offered = meta.clone();
         let written = (&self.cases, &self.images, &self.labels).transaction(|(m, i, l)| {
@@ -158,6 +88,107 @@ impl Store {
             }),
         }
     }
+}
+
+/// A volume checked and encoded for the store, not yet written.
+pub(super) struct PreparedVolume {
+    pub(super) meta: CaseMeta,
+    pub(super) meta_bytes: IVec,
+    pub(super) image_bytes: IVec,
+    pub(super) label_bytes: IVec,
+}
+
+/// The checks of [`Store::import_volume`] (3-D, finite, the label on the image's grid, the split
+/// that fits) and the encoding of what it writes. Touches nothing in the store.
+pub(super) fn prepare_volume(
+    id: &str,
+    split: Split,
+    image: &Volume<f32>,
+    label: Option<&Volume<u8>>,
+    provenance: Provenance,
+) -> Result<PreparedVolume, StoreError> {
+    validate_name("case id", id)?;
+    let what = |p: &Provenance| std::path::PathBuf::from(&p.image_file);
+    let image_path = what(&provenance);
+    if (label.is_none()) != (split == Split::Unlabelled) {
+        return Err(StoreError::InvalidName {
+            what: "split",
+            name: split.to_string(),
+            reason: "image-only cases go to \"unlabelled\", labelled ones to train or test",
+        });
+    }
+    let n = image.geometry.len();
+    if n == 0 || image.data.len() != n {
+        return Err(StoreError::GridMismatch {
+            image: image_path.clone(),
+            label: image_path.clone(),
+            reason: format!(
+                "image has {} voxels for grid {:?}",
+                image.data.len(),
+                image.geometry.dims
+            ),
+        });
+    }
+    if let Some((index, value)) = image.data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(StoreError::LabelValue {
+            file: image_path,
+            index,
+            value: *value,
+        });
+    }
+    let label_bytes: Vec<u8> = match label {
+        Some(l) => {
+            if l.geometry.dims != image.geometry.dims
+                || !l.geometry.same_grid(&image.geometry, GRID_TOLERANCE_MM)
+                || l.data.len() != n
+            {
+                return Err(StoreError::GridMismatch {
+                    image: image_path,
+                    label: std::path::PathBuf::from(&provenance.label_file),
+                    reason: format!(
+                        "label grid {:?} is not the image grid {:?}",
+                        l.geometry, image.geometry
+                    ),
+                });
+            }
+            l.data.clone()
+        }
+        None => vec![0u8; n],
+    };
+    let mut image_bytes = Vec::with_capacity(n * 4);
+    for v in &image.data {
+        image_bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut label_counts = Vec::new();
+    for &v in &label_bytes {
+        let v = usize::from(v);
+        if v >= label_counts.len() {
+            label_counts.resize(v + 1, 0u64);
+        }
+        label_counts[v] += 1;
+    }
+    let meta = CaseMeta {
+        id: id.to_string(),
+        split,
+        geometry: image.geometry.clone(),
+        image_sha256: sha256_hex(&image_bytes),
+        label_sha256: sha256_hex(&label_bytes),
+        label_counts,
+        provenance,
+    };
+    let meta_bytes =
+        IVec::from(
+            serde_json::to_vec(&meta).map_err(|source| StoreError::Encode {
+                what: format!("metadata of case {id}"),
+                source,
+            })?,
+        );
+    Ok(PreparedVolume {
+        meta,
+        meta_bytes,
+        image_bytes: IVec::from(image_bytes),
+        label_bytes: IVec::from(label_bytes),
+    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@ use super::BadConfig;
 use super::StoreDir;
 
 #[derive(clap::Args, Debug)]
+#[command(subcommand_negates_reqs = true)]
 pub(crate) struct BridgeArgs {
+    #[command(subcommand)]
+    pub(crate) init: Option<BridgeInit>,
     /// The bridge configuration (TOML; see --print-default-config).
     #[arg(long, required_unless_present = "print_default_config")]
     pub(crate) config: Option<PathBuf>,
@@ -20,6 +23,16 @@ pub(crate) struct BridgeArgs {
     pub(crate) store: StoreDir,
 }
 
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum BridgeInit {
+    /// Set up a site's bridge: state directory (0700), a new de-identification key (0600) and a
+    /// commented bridge.toml pointing at both, all in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
 /// `cosilo bridge`: SCP → de-identify → spool → assembler → store, until SIGINT/SIGTERM.
 pub(crate) fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +40,16 @@ pub(crate) fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
 
     use cosilo_bridge::pipeline::{Bridge, PipelineConfig, PipelineError, DEFAULT_CONFIG};
 
+    if let Some(BridgeInit::Init { dir }) = &args.init {
+        let r = cosilo_bridge::init::init(dir)?;
+        println!(
+            "config: {}\nkey (0600, back it up): {}\nstate: {}",
+            r.config.display(),
+            r.key.display(),
+            r.state_dir.display()
+        );
+        return Ok(());
+    }
     if args.print_default_config {
         print!("{DEFAULT_CONFIG}");
         return Ok(());
@@ -41,6 +64,7 @@ pub(crate) fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    cfg.check_key()?;
     let store = cosilo_store::Store::open(&args.store.path)?;
     let sink = Arc::new(cosilo_appliance::bridge_sink::StoreSeriesSink::new(
         store,

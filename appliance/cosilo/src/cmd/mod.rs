@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 pub(crate) mod bridge;
+pub(crate) mod cases;
 pub(crate) mod data;
 pub(crate) mod demo;
 pub(crate) mod evaluate;
