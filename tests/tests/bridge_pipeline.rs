@@ -328,7 +328,7 @@ struct RealCt {
 
 fn real_ct(root: &Path) -> Result<RealCt> {
     let cache = cosilo_lab::fetch::default_cache_dir();
-    let report = cosilo_appliance::dicom_data::write_dicom_data(&cache, &root.join("data"), None)
+    let report = cosilo_lab::dicom_data::write_dicom_data(&cache, &root.join("data"), None)
         .context("the real CT (cosilo data fetch fills the cache)")?;
     let dir = report.ct_dir;
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
@@ -342,7 +342,7 @@ fn real_ct(root: &Path) -> Result<RealCt> {
         dir.display()
     );
     let volume = read_series_dir(&dir)?.volume;
-    let meta = cosilo_appliance::dicom_data::ct_meta();
+    let meta = cosilo_lab::dicom_data::ct_meta();
     let mut needles = vec![
         meta.patient_name.clone(),
         meta.patient_id.clone(),
