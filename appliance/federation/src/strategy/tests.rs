@@ -579,7 +579,9 @@ fn fedavg_running_sum_is_bit_identical_to_the_ordered_average_in_any_arrival_ord
         let avg = avg.unwrap();
         let want = reference(&present);
         assert!(
-            avg.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            avg.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
             "arrival order {order:?} changed the average"
         );
     }
