@@ -113,10 +113,21 @@ pub struct FederationSection {
     /// before training and at the end). The final model is always scored. Absent from a file: 1.
     #[serde(default = "one")]
     pub eval_every: u64,
+    /// The classes (names from the training configuration's `class_names`) whose mean held-out
+    /// Dice is the score a round logs and a strategy ranks models by. Absent from a file: the
+    /// tissue classes of the default label map.
+    #[serde(default = "tissue_classes")]
+    pub score_classes: Vec<String>,
 }
 
 fn one() -> u64 {
     1
+}
+
+fn tissue_classes() -> Vec<String> {
+    ["csf", "grey_matter", "white_matter"]
+        .map(String::from)
+        .to_vec()
 }
 
 /// `[broker]`.

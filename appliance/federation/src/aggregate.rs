@@ -432,7 +432,7 @@ mod tests {
         let mut model_bytes = 0.0;
         for updates in [2, 12] {
             let out = std::process::Command::new(&exe)
-                .args(["--exact", "federation::aggregate::tests::memory_child"])
+                .args(["--exact", "aggregate::tests::memory_child"])
                 .args(["--nocapture", "--ignored", "--test-threads=1"])
                 .env("COSILO_AGG_MEM_UPDATES", updates.to_string())
                 .output()

@@ -6,8 +6,11 @@ use super::*;
 pub struct FedAvg {
     pub(super) ctx: Context,
     pub(super) s: FedAvgState,
-    /// round → site → (samples, weights); own entry included; rounds ≥ the current one only.
-    pub(super) received: BTreeMap<u64, BTreeMap<String, (u64, Vec<f32>)>>,
+    /// round → the updates received for it (own included), summed as they arrive; rounds ≥ the
+    /// current one only.
+    pub(super) received: BTreeMap<u64, RoundSum>,
+    /// This site's update of the current round (re-sent to a joining peer).
+    pub(super) own: Option<(u64, Vec<f32>)>,
     /// Sites that said they are leaving.
     pub(super) left: BTreeSet<String>,
 }
@@ -20,7 +23,85 @@ pub(super) struct FedAvgState {
     pub(super) done: bool,
 }
 
+/// One round's updates as a running sample-weighted sum, added in site-id order so that every
+/// site that receives the same updates adds the same numbers in the same order and ends on
+/// bit-identical weights. An update is added when every update before it in that order is in;
+/// one that arrives ahead of a missing one waits. Extra memory: the sum plus the updates that
+/// wait (none when updates arrive in order), not one model per peer.
+#[derive(Default)]
+pub(super) struct RoundSum {
+    sum: Option<WeightedAverage>,
+    /// Sites whose update is in `sum`, in order.
+    added: Vec<String>,
+    /// Updates that arrived ahead of a site before them in the order.
+    waiting: BTreeMap<String, (u64, Vec<f32>)>,
+    /// Position in the order of the next site to add.
+    next: usize,
+}
+
+impl RoundSum {
+    /// Updates received (added or waiting).
+    pub(super) fn len(&self) -> usize {
+        self.added.len() + self.waiting.len()
+    }
+
+    /// Takes `site`'s update; `order`: all sites by id. A copy of an update already added is
+    /// dropped; one still waiting replaces the earlier copy.
+    pub(super) fn offer(&mut self, order: &[String], site: String, samples: u64, w: Vec<f32>) {
+        if self.added.contains(&site) {
+            return;
+        }
+        self.waiting.insert(site, (samples, w));
+        while let Some(next) = order.get(self.next) {
+            let Some((samples, w)) = self.waiting.remove(next) else {
+                break;
+            };
+            self.add(next.clone(), samples, &w);
+            self.next += 1;
+        }
+    }
+
+    fn add(&mut self, site: String, samples: u64, w: &[f32]) {
+        let sum = self
+            .sum
+            .get_or_insert_with(|| WeightedAverage::new(w.len()));
+        if sum.add(w, samples.max(1) as f64).is_err() {
+            tracing::warn!(
+                len = w.len(),
+                "left a model of another size out of an average"
+            );
+        }
+        self.added.push(site);
+    }
+
+    /// The contributors (by id) and their average; updates still waiting (behind a site that
+    /// never sent) are added in order first.
+    pub(super) fn finish(mut self) -> (Vec<String>, Option<Vec<f32>>) {
+        for (site, (samples, w)) in std::mem::take(&mut self.waiting) {
+            self.add(site, samples, &w);
+        }
+        self.added.sort();
+        (self.added, self.sum.and_then(|s| s.finish().ok()))
+    }
+}
+
 impl FedAvg {
+    /// All sites by id: the order a round's updates are added in.
+    fn order(&self) -> Vec<String> {
+        let mut sites = self.ctx.sites.clone();
+        sites.sort();
+        sites
+    }
+
+    /// Takes `site`'s update for `round`.
+    fn receive(&mut self, round: u64, site: String, samples: u64, w: Vec<f32>) {
+        let order = self.order();
+        self.received
+            .entry(round)
+            .or_default()
+            .offer(&order, site, samples, w);
+    }
+
     fn check(&mut self, now_ms: u64) -> Vec<Action> {
         let Some(since) = self.s.collecting_since_ms else {
             return Vec::new();
@@ -50,9 +131,8 @@ impl FedAvg {
                 }
             )));
         }
-        let updates = self.received.remove(&r).unwrap_or_default();
-        let contributors: Vec<String> = updates.keys().cloned().collect();
-        if let Some(avg) = average(updates.values().map(|(n, w)| (*n, w.as_slice()))) {
+        let (contributors, avg) = self.received.remove(&r).unwrap_or_default().finish();
+        if let Some(avg) = avg {
             out.push(Action::SetModel(avg));
         }
         out.push(Action::EndOfRound {
@@ -62,6 +142,7 @@ impl FedAvg {
         self.s.round += 1;
         self.s.collecting_since_ms = None;
         self.received.retain(|&k, _| k >= self.s.round);
+        self.own = None;
         if self.s.round >= self.ctx.rounds {
             self.s.done = true;
             out.push(Action::Finished);
@@ -89,10 +170,9 @@ impl Strategy for FedAvg {
                     // Restarted after publishing: publish again (peers keep one per site and
                     // round) and keep collecting.
                     let r = self.s.round;
-                    self.received
-                        .entry(r)
-                        .or_default()
-                        .insert(self.ctx.me.clone(), (self.ctx.samples, weights.clone()));
+                    let me = self.ctx.me.clone();
+                    self.receive(r, me, self.ctx.samples, weights.clone());
+                    self.own = Some((r, weights.clone()));
                     let mut out = vec![Action::Publish {
                         purpose: Purpose::Round,
                         round: r,
@@ -110,10 +190,9 @@ impl Strategy for FedAvg {
             }
             Input::Trained { weights, .. } => {
                 let r = self.s.round;
-                self.received
-                    .entry(r)
-                    .or_default()
-                    .insert(self.ctx.me.clone(), (self.ctx.samples, weights.clone()));
+                let me = self.ctx.me.clone();
+                self.receive(r, me, self.ctx.samples, weights.clone());
+                self.own = Some((r, weights.clone()));
                 self.s.collecting_since_ms = Some(now_ms);
                 let mut out = vec![Action::Publish {
                     purpose: Purpose::Round,
@@ -144,10 +223,7 @@ impl Strategy for FedAvg {
                         m.origin, m.round, self.s.round
                     ))];
                 }
-                self.received
-                    .entry(m.round)
-                    .or_default()
-                    .insert(m.origin, (m.samples, m.weights));
+                self.receive(m.round, m.origin, m.samples, m.weights);
                 self.check(now_ms)
             }
             Input::Presence { site, status, .. } => {
@@ -157,7 +233,7 @@ impl Strategy for FedAvg {
                 let mut out = Vec::new();
                 if status == PeerStatus::Joining && self.ctx.is_peer(&site) {
                     let r = self.s.round;
-                    if let Some((_, w)) = self.received.get(&r).and_then(|m| m.get(&self.ctx.me)) {
+                    if let Some((_, w)) = self.own.as_ref().filter(|(round, _)| *round == r) {
                         out.push(Action::Publish {
                             purpose: Purpose::Round,
                             round: r,

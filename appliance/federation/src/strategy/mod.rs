@@ -245,6 +245,7 @@ pub fn build(
             ctx,
             s: state(saved)?,
             received: BTreeMap::new(),
+            own: None,
             left: BTreeSet::new(),
         }),
         StrategyKind::BrainTorrent => Box::new(BrainTorrent {

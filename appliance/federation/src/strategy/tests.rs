@@ -539,3 +539,50 @@ fn iil_passes_its_best_after_patience() {
     let a = h1.handle(model("h3", Purpose::Token, 2, 3, 10, 9.0), 6);
     assert_eq!(a, vec![Action::SetModel(vec![9.0; 4]), Action::Finished]);
 }
+
+#[test]
+fn fedavg_running_sum_is_bit_identical_to_the_ordered_average_in_any_arrival_order() {
+    // Values whose f32 sums depend on the order of addition.
+    let sites: Vec<String> = ["h1", "h2", "h3", "h4"].map(String::from).to_vec();
+    let update = |i: usize| -> (u64, Vec<f32>) {
+        let w = (0..64)
+            .map(|k| ((k * 7919 + i * 104_729) % 1_000) as f32 * 1e-3 + 1e-7 * i as f32)
+            .collect();
+        (3 + i as u64 * 11, w)
+    };
+    let reference = |present: &[usize]| {
+        let ups: Vec<_> = present.iter().map(|&i| update(i)).collect();
+        average(ups.iter().map(|(n, w)| (*n, w.as_slice()))).unwrap()
+    };
+    let arrivals: [&[usize]; 5] = [
+        &[0, 1, 2, 3],
+        &[3, 2, 1, 0],
+        &[1, 3, 0, 2],
+        &[2, 0, 3], // h2 never sends: h3 and h4 wait for the end
+        &[3, 1],    // h1 and h3 never send
+    ];
+    for order in arrivals {
+        let mut sum = fedavg::RoundSum::default();
+        for &i in order {
+            let (n, w) = update(i);
+            sum.offer(&sites, sites[i].clone(), n, w);
+        }
+        // A copy of an update already in changes nothing.
+        let (n, w) = update(order[0]);
+        sum.offer(&sites, sites[order[0]].clone(), n, w);
+        assert_eq!(sum.len(), order.len());
+        let mut present = order.to_vec();
+        present.sort();
+        let (contributors, avg) = sum.finish();
+        let expected: Vec<String> = present.iter().map(|&i| sites[i].clone()).collect();
+        assert_eq!(contributors, expected);
+        let avg = avg.unwrap();
+        let want = reference(&present);
+        assert!(
+            avg.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "arrival order {order:?} changed the average"
+        );
+    }
+}

@@ -1,0 +1,147 @@
+use super::*;
+use cosilo_federation::strategy::{Context, Input, StrategyKind};
+use cosilo_federation::weights::WeightFormat;
+use cosilo_federation::wire::{Body, Envelope, UpdateMeta, UpdatePurpose};
+use cosilo_train::TrainConfig;
+
+/// A site without a broker, driving strategy `kind` alone; its trainer commands go to the
+/// returned receiver.
+fn offline_site(eval_every: u64, kind: StrategyKind) -> (Site, std::sync::mpsc::Receiver<Cmd>) {
+    let mut cfg = SiteConfig::default();
+    cfg.federation.eval_every = eval_every;
+    cfg.federation.personalise_steps = 0;
+    cfg.site.id = "h1".into();
+    let keys = SiteKeys::generate("h1").unwrap();
+    let roster = Roster::parse(
+        &format!(
+            "[federation]\nname = \"{}\"\n\n{}",
+            cfg.federation.name,
+            keys.roster_entry()
+        ),
+        "test",
+    )
+    .unwrap();
+    let ctx = Context {
+        me: "h1".into(),
+        sites: vec!["h1".into()],
+        rounds: 3,
+        steps_per_round: 7,
+        quorum: 1,
+        round_deadline_ms: 1_000,
+        update_timeout_ms: 1_000,
+        patience: 1,
+        samples: 1,
+    };
+    let strategy = strategy::build(kind, ctx, None).unwrap();
+    let (commands, rx) = std::sync::mpsc::channel();
+    let membership = Membership {
+        keys,
+        roster,
+        link: None,
+    };
+    let shape = ModelShape {
+        layout: Layout {
+            tensors: vec![("out.bias".into(), vec![5])],
+        },
+        samples: 1,
+        classes: Classes::new(&TrainConfig::default(), &cfg.federation.score_classes),
+    };
+    let site = Site::new(
+        cfg,
+        membership,
+        shape,
+        strategy,
+        commands,
+        DaemonState::default(),
+    );
+    (site, rx)
+}
+
+/// The commands queued so far, by name; a `Save` with the strategy round it checkpoints.
+fn queued(rx: &std::sync::mpsc::Receiver<Cmd>) -> Vec<String> {
+    rx.try_iter()
+        .map(|c| match c {
+            Cmd::Train { steps, .. } => format!("train {steps}"),
+            Cmd::SetWeights(_) => "set".into(),
+            Cmd::Evaluate => "evaluate".into(),
+            Cmd::Save(v) => format!("save round {}", v["strategy"]["round"]),
+            Cmd::SavePersonalised(_) => "save personalised".into(),
+            Cmd::Quit => "quit".into(),
+        })
+        .collect()
+}
+
+fn trained() -> Input {
+    Input::Trained {
+        weights: vec![0.5; 5],
+        score: None,
+        loss: 0.25,
+    }
+}
+
+#[tokio::test]
+async fn a_round_is_checkpointed_before_the_next_round_trains() {
+    // Regression (issue 3, bug 1): the Save of round k's checkpoint was queued behind round
+    // k+1's Train, so the checkpoint held the next round's weights with round k's state.
+    let (mut site, rx) = offline_site(1, StrategyKind::Local);
+    let a = site.strategy.handle(Input::Start { weights: vec![] }, 0);
+    site.apply(a).await.unwrap();
+    assert_eq!(queued(&rx), ["train 7"]);
+    let a = site.strategy.handle(trained(), 1);
+    site.apply(a).await.unwrap();
+    // The next Train waits for the evaluation and the checkpoint.
+    assert_eq!(queued(&rx), ["evaluate"]);
+    site.evaluated(Vec::new()).await.unwrap();
+    assert_eq!(queued(&rx), ["save round 1", "train 7"]);
+    assert_eq!(site.book.rounds.len(), 1);
+}
+
+#[tokio::test]
+async fn rounds_without_evaluation_are_checkpointed_before_training_on() {
+    let (mut site, rx) = offline_site(2, StrategyKind::Local);
+    let a = site.strategy.handle(Input::Start { weights: vec![] }, 0);
+    site.apply(a).await.unwrap();
+    queued(&rx);
+    // Round 0 is not scored (every 2nd round is): logged and saved at once.
+    let a = site.strategy.handle(trained(), 1);
+    site.apply(a).await.unwrap();
+    assert_eq!(queued(&rx), ["save round 1", "train 7"]);
+    // Round 1 is scored.
+    let a = site.strategy.handle(trained(), 2);
+    site.apply(a).await.unwrap();
+    assert_eq!(queued(&rx), ["evaluate"]);
+    site.evaluated(Vec::new()).await.unwrap();
+    assert_eq!(queued(&rx), ["save round 2", "train 7"]);
+    assert_eq!(site.book.rounds.len(), 2);
+}
+
+#[tokio::test]
+async fn own_announcement_from_before_a_restart_reaches_the_strategy_a_forged_one_not() {
+    // Regression (issue 3, bugs 3 and 4): own messages were all dropped unseen.
+    let (mut site, _rx) = offline_site(1, StrategyKind::BrainTorrent);
+    site.inb.own_seq_floor = 1_000;
+    let announcement = |site: &Site, seq: u64, version: u64| {
+        let meta = UpdateMeta {
+            update_id: seq,
+            origin: "h1".into(),
+            model_version: version,
+            round: version - 1,
+            samples: 1,
+            purpose: UpdatePurpose::Announce,
+            format: WeightFormat::F32,
+            layout_digest: site.out.layout.digest(),
+        };
+        let body = Body::ModelAnnouncement(meta.header(&[0; 20], 1 << 16));
+        wire::seal(&Envelope::new("h1", seq, now_ms(), body), &site.out.keys).unwrap()
+    };
+    let topic = || "cosilo/test/model/h1".to_string();
+    // Signed with this site's key, above its own seq floor, not sent by this run: dropped.
+    let forged = announcement(&site, 5_000, 7);
+    site.message(topic(), forged, true).await.unwrap();
+    assert_eq!(site.strategy.model_version(), 0);
+    // Its retained announcement from before the restart: the strategy learns the version.
+    let retained = announcement(&site, 900, 2);
+    site.message(topic(), retained, true).await.unwrap();
+    assert_eq!(site.strategy.model_version(), 2);
+    assert_eq!((site.inb.refused, site.inb.bytes_received), (0, 0));
+}
