@@ -81,7 +81,7 @@ fn trained() -> Input {
 
 #[tokio::test]
 async fn a_round_is_checkpointed_before_the_next_round_trains() {
-    // Regression (issue 3, bug 1): the Save of round k's checkpoint was queued behind round
+    // Regression: the Save of round k's checkpoint was queued behind round
     // k+1's Train, so the checkpoint held the next round's weights with round k's state.
     let (mut site, rx) = offline_site(1, StrategyKind::Local);
     let a = site.strategy.handle(Input::Start { weights: vec![] }, 0);
@@ -117,7 +117,8 @@ async fn rounds_without_evaluation_are_checkpointed_before_training_on() {
 
 #[tokio::test]
 async fn own_announcement_from_before_a_restart_reaches_the_strategy_a_forged_one_not() {
-    // Regression (issue 3, bugs 3 and 4): own messages were all dropped unseen.
+    // Regression: own messages (a restarted site's earlier announcement, or a forgery with its
+    // key) were all dropped unseen.
     let (mut site, _rx) = offline_site(1, StrategyKind::BrainTorrent);
     site.inb.own_seq_floor = 1_000;
     let announcement = |site: &Site, seq: u64, version: u64| {
