@@ -400,14 +400,21 @@ struct RogueRun {
 fn rogue_run(strategy: StrategyKind, with_rogue: bool) -> Result<RogueRun> {
     let broker = Mosquitto::start(MAX_PACKET)?;
     let spec = FederationSpec::tiny(strategy);
+    // The rogue's binary before any site starts: built (minutes) once the federation runs, it
+    // started after the honest sites had finished, and the test found no report.
+    let rogue_bin = if with_rogue {
+        Some(appliance_example("rogue_site")?)
+    } else {
+        None
+    };
     let fed = Federation::create(spec, broker.port())?;
     let mut procs = fed.start_all()?;
     let mut rogue = None;
     let report = fed.dir().join("rogue.json");
-    if with_rogue {
+    if let Some(bin) = rogue_bin {
         let log = fed.dir().join("rogue.log");
         let out = std::fs::File::create(&log)?;
-        let child = Command::new(appliance_example("rogue_site")?)
+        let child = Command::new(bin)
             .arg("--config")
             .arg(fed.config_path("h1"))
             .arg("--compromised")
