@@ -6,12 +6,14 @@
 //!
 //! Nothing is skipped: without Mosquitto the harness fails with the command that installs it.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use crate::free_port;
 
 /// Where Debian installs the broker.
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
@@ -285,13 +287,4 @@ fn running_as_root() -> bool {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
-}
-
-/// A free TCP port on loopback (bound, read, released).
-pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-    Ok(listener
-        .local_addr()
-        .context("reading the bound port")?
-        .port())
 }

@@ -1,5 +1,6 @@
 //! Multi-process federations for tests: a tiny cohort imported into one store per hospital, keys,
-//! a roster and site configurations in a temporary directory ([`Federation`]), `cosilo run`
+//! a roster and site configurations in a temporary directory ([`Federation`], laid out by the
+//! appliance's `FederationPlan` as `cosilo demo` lays out its own), `cosilo run`
 //! child processes with their logs captured to files ([`SiteProcess`], killed on drop), and
 //! readers for what the sites leave behind: the `--summary` JSON, the newest session checkpoint
 //! in each store (weights and the daemon's saved state), and the per-round log lines.
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use cosilo_appliance::config::{Quorum, SiteConfig};
 use cosilo_appliance::daemon::{session_run, RunSummary};
+use cosilo_appliance::plan::FederationPlan;
 use cosilo_federation::keys::SiteKeys;
 use cosilo_federation::strategy::StrategyKind;
 use cosilo_federation::weights::{FlatWeights, WeightFormat};
@@ -77,7 +79,7 @@ pub fn appliance_example(name: &str) -> Result<PathBuf> {
     let dir = target_dir()?;
     let bin = dir.join("examples").join(name);
     let source = workspace_root()
-        .join("appliance/examples")
+        .join("appliance/cosilo/examples")
         .join(format!("{name}.rs"));
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let stale = match (modified(&bin), modified(&source)) {
@@ -115,6 +117,14 @@ pub fn tiny_cohort() -> Result<PathBuf> {
         )
     })?;
     Ok(DIR.get_or_init(|| dir).clone())
+}
+
+/// The tiny U-Net every test federation trains: base 8, depth 2, batch 2, 48² patches.
+pub fn tiny_model(cfg: &mut SiteConfig) {
+    cfg.train.base = Some(8);
+    cfg.train.depth = Some(2);
+    cfg.train.batch_size = Some(2);
+    cfg.train.patch = Some([48, 48]);
 }
 
 /// The shape of a test federation.
@@ -184,51 +194,21 @@ impl Federation {
             .tempdir()
             .context("creating the federation folder")?;
         let manifest = tiny_cohort()?.join("manifest.json");
-        let mut roster = format!("[federation]\nname = \"{}\"\n", spec.name);
+        let sites: Vec<&str> = spec.sites.iter().map(String::as_str).collect();
+        let plan = FederationPlan::new(&spec.name, &sites, dir.path());
+        plan.import_cohort(&manifest)?;
+        plan.write_keys_and_roster()?;
         for h in &spec.sites {
-            let store = Store::open(&dir.path().join(format!("{h}-store")))?;
-            let requests = cosilo_store::import::read_manifest(&manifest, Some(h))?;
-            if requests.is_empty() {
-                bail!("the cohort has no cases of hospital {h}");
-            }
-            let report = cosilo_store::import::import_all(&store, &requests)?;
-            if !report.refused.is_empty() {
-                bail!("importing {h}'s cases: {report}");
-            }
-            let keys = SiteKeys::generate(h)?;
-            keys.save(dir.path())?;
-            roster += &format!("\n{}", keys.roster_entry());
-        }
-        std::fs::write(dir.path().join("roster.toml"), roster)?;
-        for h in &spec.sites {
-            let mut cfg = SiteConfig::default();
-            cfg.site.id = h.clone();
-            cfg.site.store = dir.path().join(format!("{h}-store"));
-            cfg.site.hospital = h.clone();
-            cfg.federation.name = spec.name.clone();
-            cfg.federation.strategy = spec.strategy;
-            cfg.federation.roster = dir.path().join("roster.toml");
-            cfg.federation.key = SiteKeys::key_path(dir.path(), h);
+            let mut cfg = plan.site_config(h, spec.strategy, broker_port, spec.max_packet_bytes);
             cfg.federation.rounds = spec.rounds;
             cfg.federation.steps_per_round = spec.steps_per_round;
             cfg.federation.round_deadline_s = spec.round_deadline_s;
             cfg.federation.update_timeout_s = spec.update_timeout_s;
             cfg.federation.quorum = spec.quorum;
             cfg.federation.weight_format = spec.weight_format;
-            cfg.broker.embedded = false;
-            cfg.broker.host = "127.0.0.1".into();
-            cfg.broker.port = broker_port;
-            cfg.broker.max_packet_bytes = spec.max_packet_bytes;
-            cfg.train.base = Some(8);
-            cfg.train.depth = Some(2);
-            cfg.train.batch_size = Some(2);
-            cfg.train.patch = Some([48, 48]);
-            cfg.validate()
+            tiny_model(&mut cfg);
+            plan.write_config(&cfg, &dir.path().join(format!("{h}.toml")))
                 .with_context(|| format!("the test configuration of {h}"))?;
-            std::fs::write(
-                dir.path().join(format!("{h}.toml")),
-                toml::to_string(&cfg).context("serialising a site configuration")?,
-            )?;
         }
         if spec.provision_sessions {
             provision_sessions(&spec, broker_port)?;

@@ -4,7 +4,10 @@
 //! that needs an outside program (Python's ONNX tools, ONNX Runtime) finds it here and fails with a
 //! message saying how to install it, never skipping silently.
 
+use std::net::TcpListener;
 use std::path::PathBuf;
+
+use anyhow::{Context, Result};
 
 pub mod bridge_process;
 pub mod brokers;
@@ -30,4 +33,14 @@ pub fn python() -> String {
         return venv.display().to_string();
     }
     "python3".into()
+}
+
+/// A free TCP port on loopback (bound, read, released), for servers that cannot listen on port 0
+/// and report it.
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener
+        .local_addr()
+        .context("reading the bound port")?
+        .port())
 }

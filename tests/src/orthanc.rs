@@ -3,13 +3,15 @@
 //! `/usr/sbin/Orthanc` (or `ORTHANC_BIN`), waits for its REST API, and kills it on drop. REST calls go
 //! through `curl`, so the harness adds no HTTP crate.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
+
+/// Re-exported where the Orthanc tests have always found it.
+pub use crate::free_port;
 
 /// A running Orthanc; killed on drop.
 pub struct Orthanc {
@@ -19,11 +21,6 @@ pub struct Orthanc {
     pub aet: String,
     pub dicom_port: u16,
     pub http_port: u16,
-}
-
-/// A free TCP port on loopback (bound, then released).
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn orthanc_bin() -> String {

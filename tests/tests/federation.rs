@@ -13,78 +13,26 @@
 //! Needs the anatomy cache (`cosilo data fetch`, which `scripts/test.sh` runs first) and
 //! Mosquitto (`apt-get install mosquitto`); builds the `cosilo` binary if it is missing.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cosilo_appliance::config::SiteConfig;
 use cosilo_appliance::daemon::{session_run, RunSummary};
-use cosilo_federation::keys::SiteKeys;
+use cosilo_appliance::plan::FederationPlan;
+use cosilo_federation::keys::Roster;
 use cosilo_federation::link::{self, LinkConfig, LinkEvent};
 use cosilo_federation::strategy::StrategyKind;
 use cosilo_federation::weights::FlatWeights;
+use cosilo_federation::wire::{self, Body, SiteStatus};
 use cosilo_store::Store;
 use cosilo_tests::brokers::Mosquitto;
-use cosilo_tests::workspace_root;
+use cosilo_tests::federation_harness::{cosilo_bin, tiny_cohort as cohort, tiny_model, MAX_PACKET};
 
 const SITES: [&str; 3] = ["h1", "h2", "h3"];
-const MAX_PACKET: usize = 256 * 1024;
-
-/// The `cosilo` binary beside this test's target folder, built when missing.
-fn cosilo_bin() -> Result<PathBuf> {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(b) = BIN.get() {
-        return Ok(b.clone());
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no target folder")?;
-    let bin = dir.join("cosilo");
-    if !bin.exists() {
-        let release = dir.ends_with("release");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(workspace_root()).args([
-            "build",
-            "-p",
-            "cosilo-appliance",
-            "--bin",
-            "cosilo",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().context("running cargo build for cosilo")?;
-        if !status.success() || !bin.exists() {
-            bail!("could not build {}", bin.display());
-        }
-    }
-    Ok(BIN.get_or_init(|| bin).clone())
-}
-
-/// A tiny cohort (2/2/1 training and 1 held-out patient per hospital), built once per run.
-fn cohort() -> Result<PathBuf> {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(d) = DIR.get() {
-        return Ok(d.clone());
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("cosilo-fed-cohort")
-        .tempdir()?
-        .keep();
-    let cache = cosilo_lab::fetch::default_cache_dir();
-    let spec = cosilo_lab::cohort::CohortSpec::new(11, "2,2,1", 1)?;
-    cosilo_lab::cohort::build_cohort(&cache, &dir, &spec).with_context(|| {
-        format!(
-            "building the test cohort from {} (run `cosilo data fetch` first)",
-            cache.display()
-        )
-    })?;
-    Ok(DIR.get_or_init(|| dir).clone())
-}
 
 /// Child processes killed on drop.
 struct Sites(Vec<(String, Child, PathBuf)>);
@@ -109,38 +57,23 @@ impl Federation {
         let dir = tempfile::tempdir()?;
         let cohort = cohort()?;
         let manifest = cohort.join("manifest.json");
-        let mut roster = String::from("[federation]\nname = \"test\"\n");
+        let plan = FederationPlan::new("test", &SITES, dir.path());
+        plan.import_cohort(&manifest)?;
+        plan.write_keys_and_roster()?;
         for h in SITES {
-            let store = Store::open(&dir.path().join(format!("{h}-store")))?;
-            let requests = cosilo_store::import::read_manifest(&manifest, Some(h))?;
-            let report = cosilo_store::import::import_all(&store, &requests)?;
-            assert!(report.refused.is_empty(), "{report}");
-            let keys = SiteKeys::generate(h)?;
-            keys.save(dir.path())?;
-            roster += &format!("\n{}", keys.roster_entry());
-        }
-        std::fs::write(dir.path().join("roster.toml"), roster)?;
-        for h in SITES {
-            let mut cfg = SiteConfig::default();
-            cfg.site.id = h.into();
-            cfg.site.store = dir.path().join(format!("{h}-store"));
-            cfg.site.hospital = h.into();
-            cfg.federation.name = "test".into();
-            cfg.federation.strategy = strategy;
-            cfg.federation.roster = dir.path().join("roster.toml");
-            cfg.federation.key = SiteKeys::key_path(dir.path(), h);
+            let mut cfg = plan.site_config(h, strategy, broker_port, MAX_PACKET);
             cfg.federation.rounds = rounds;
             cfg.federation.steps_per_round = 2;
-            cfg.federation.round_deadline_s = 60;
-            cfg.federation.update_timeout_s = 90;
-            cfg.broker.port = broker_port;
-            cfg.broker.max_packet_bytes = MAX_PACKET;
-            cfg.train.base = Some(8);
-            cfg.train.depth = Some(2);
-            cfg.train.batch_size = Some(2);
-            cfg.train.patch = Some([48, 48]);
-            cfg.validate()?;
-            std::fs::write(dir.path().join(format!("{h}.toml")), toml::to_string(&cfg)?)?;
+            // No deadline or timeout may pass within the run limit: what these tests claim (every
+            // site contributed to the last round, identical weights) holds only when none does.
+            // The tests share two cores with each other and with builds, so a site may lag its
+            // peers by a minute; with a 60 s deadline its peers would average it out of a round
+            // and the FedAvg test would fail. Now a lagging site delays the federation, which
+            // the run limit bounds.
+            cfg.federation.round_deadline_s = 600;
+            cfg.federation.update_timeout_s = 900;
+            tiny_model(&mut cfg);
+            plan.write_config(&cfg, &dir.path().join(format!("{h}.toml")))?;
         }
         Ok(Federation { dir, strategy })
     }
@@ -227,6 +160,113 @@ impl Federation {
     }
 }
 
+/// What the passive capture recorded.
+#[derive(Default)]
+struct Captured {
+    /// Every payload published under `cosilo/`, with its topic.
+    payloads: Vec<(String, Vec<u8>)>,
+    /// Sites whose farewell presence (`Idle` when done, `Leaving` when stopped) went by: the
+    /// last message a finished site publishes.
+    farewells: BTreeSet<String>,
+    /// When the last payload arrived.
+    last_at: Option<Instant>,
+}
+
+/// A passive subscriber to `cosilo/#` on its own runtime, recording every payload.
+struct Capture {
+    runtime: tokio::runtime::Runtime,
+    link: link::Link,
+    seen: Arc<Mutex<Captured>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Capture {
+    /// Connects to the broker on 127.0.0.1:`port` and returns once subscribed; `roster` opens
+    /// presence messages to recognise each site's farewell.
+    fn start(port: u16, roster: Roster) -> Result<Capture> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let mut cfg = LinkConfig::new("127.0.0.1", port, "capture");
+        cfg.max_packet_bytes = MAX_PACKET;
+        cfg.clean_session = true;
+        let (link, mut events) =
+            runtime.block_on(link::connect(&cfg, vec!["cosilo/#".into()], None))?;
+        runtime.block_on(async {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+                    Ok(Some(LinkEvent::Connected { .. })) => return Ok(()),
+                    Ok(Some(_)) => continue,
+                    _ => bail!("capture link did not connect"),
+                }
+            }
+        })?;
+        let seen = Arc::new(Mutex::new(Captured::default()));
+        let sink = Arc::clone(&seen);
+        let task = runtime.spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if let LinkEvent::Message { topic, payload, .. } = ev {
+                    let farewell = match wire::open(&payload, &roster) {
+                        Ok(env) => match env.body {
+                            Body::Presence(p)
+                                if matches!(p.status, SiteStatus::Idle | SiteStatus::Leaving) =>
+                            {
+                                Some(env.sender)
+                            }
+                            _ => None,
+                        },
+                        Err(_) => None,
+                    };
+                    let mut c = sink.lock().unwrap_or_else(|e| e.into_inner());
+                    c.farewells.extend(farewell);
+                    c.payloads.push((topic, payload));
+                    c.last_at = Some(Instant::now());
+                }
+            }
+        });
+        Ok(Capture {
+            runtime,
+            link,
+            seen,
+            task,
+        })
+    }
+
+    /// Waits until every site's farewell presence went by or nothing arrived for `quiet`;
+    /// fails when neither happened within `limit`.
+    fn settle(&self, sites: &[&str], quiet: Duration, limit: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            {
+                let c = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+                if sites.iter().all(|s| c.farewells.contains(*s)) {
+                    return Ok(());
+                }
+                if c.last_at.unwrap_or(t0).elapsed() >= quiet {
+                    return Ok(());
+                }
+                if t0.elapsed() > limit {
+                    bail!(
+                        "the capture did not settle within {limit:?}: farewells from {:?}",
+                        c.farewells
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Disconnects and returns what was captured.
+    fn finish(self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.runtime.block_on(self.link.close())?;
+        drop(self.link);
+        self.runtime.block_on(self.task)?;
+        let mut c = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(std::mem::take(&mut c.payloads))
+    }
+}
+
 /// Checks what every strategy must give: finished, changed, finite models; returns them.
 fn check_sites(fed: &Federation, summaries: &[RunSummary]) -> Result<Vec<FlatWeights>> {
     let mut out = Vec::new();
@@ -286,33 +326,10 @@ fn braintorrent_merges_and_publishes_no_patient_data() -> Result<()> {
     let fed = Federation::new(StrategyKind::BrainTorrent, broker.port(), 2)?;
 
     // A passive listener records every payload published under cosilo/.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let mut cfg = LinkConfig::new("127.0.0.1", broker.port(), "capture");
-    cfg.max_packet_bytes = MAX_PACKET;
-    cfg.clean_session = true;
-    let (capture_link, mut events) =
-        runtime.block_on(link::connect(&cfg, vec!["cosilo/#".into()], None))?;
-    runtime.block_on(async {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
-                Ok(Some(LinkEvent::Connected { .. })) => return Ok(()),
-                Ok(Some(_)) => continue,
-                _ => bail!("capture link did not connect"),
-            }
-        }
-    })?;
-    let captured = runtime.spawn(async move {
-        let mut got: Vec<(String, Vec<u8>)> = Vec::new();
-        while let Some(ev) = events.recv().await {
-            if let LinkEvent::Message { topic, payload, .. } = ev {
-                got.push((topic, payload));
-            }
-        }
-        got
-    });
+    let capture = Capture::start(
+        broker.port(),
+        Roster::load(&fed.dir.path().join("roster.toml"))?,
+    )?;
 
     let summaries = fed.run(Duration::from_secs(180))?;
     check_sites(&fed, &summaries)?;
@@ -326,10 +343,9 @@ fn braintorrent_merges_and_publishes_no_patient_data() -> Result<()> {
         );
     }
 
-    std::thread::sleep(Duration::from_millis(500));
-    runtime.block_on(capture_link.close())?;
-    drop(capture_link);
-    let got = runtime.block_on(captured)?;
+    // Every site has exited; its last messages may still be on their way to the capture.
+    capture.settle(&SITES, Duration::from_secs(3), Duration::from_secs(30))?;
+    let got = capture.finish()?;
     assert!(
         got.iter().any(|(t, _)| t.contains("/updates/")),
         "no update was captured"

@@ -472,8 +472,7 @@ fn main() -> Result<()> {
                     rogue.wave().await?;
                     if let Some(p) = &report_path {
                         // After every wave, so a killed rogue still leaves its counts.
-                        let text = serde_json::to_string_pretty(&rogue.sent)?;
-                        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+                        write_report(p, &rogue.sent)?;
                     }
                 }
             }
@@ -482,10 +481,19 @@ fn main() -> Result<()> {
         rogue.link.close().await?;
         Ok::<_, anyhow::Error>(rogue.sent)
     })?;
-    let report = serde_json::to_string_pretty(&sent)?;
-    println!("{report}");
+    println!("{}", serde_json::to_string_pretty(&sent)?);
     if let Some(p) = &args.report {
-        std::fs::write(p, &report).with_context(|| format!("writing {}", p.display()))?;
+        write_report(p, &sent)?;
     }
     Ok(())
+}
+
+/// Writes the counts to `path` whole or not at all (a temporary file, then a rename): the rogue is
+/// killed at an arbitrary moment, and a kill between truncating the report and writing it left
+/// an empty file that the test could not parse.
+fn write_report(path: &std::path::Path, sent: &BTreeMap<&'static str, u64>) -> Result<()> {
+    let text = serde_json::to_string_pretty(sent)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
 }

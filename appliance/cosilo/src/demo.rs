@@ -23,12 +23,10 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::SiteConfig;
 use crate::daemon::RunSummary;
+use crate::plan::{FederationPlan, PlanError};
 use cosilo_federation::broker::{BrokerError, EmbeddedBroker};
-use cosilo_federation::keys::{KeysError, SiteKeys};
 use cosilo_federation::strategy::StrategyKind;
-use cosilo_store::{Store, StoreError};
 
 /// The demo's hospitals.
 pub const HOSPITALS: [&str; 3] = ["h1", "h2", "h3"];
@@ -40,14 +38,8 @@ pub enum DemoError {
     Fetch(#[from] cosilo_lab::fetch::FetchError),
     #[error("building the cohort failed: {0}")]
     Cohort(#[from] cosilo_lab::cohort::CohortError),
-    #[error("reading the cohort manifest failed: {0}")]
-    Manifest(#[from] cosilo_store::import::ManifestError),
-    #[error("store: {0}")]
-    Store(#[from] StoreError),
-    #[error("{0} of {1}'s cases were refused at import")]
-    Refused(usize, String),
-    #[error("keys: {0}")]
-    Keys(#[from] KeysError),
+    #[error("setting up the federation failed: {0}")]
+    Plan(#[from] PlanError),
     #[error("embedded broker: {0}")]
     Broker(#[from] BrokerError),
     #[error("cannot write {path}: {source}")]
@@ -215,137 +207,25 @@ fn load_average() -> Option<f64> {
 pub fn run_demo(opts: &DemoOptions) -> Result<DemoResults, DemoError> {
     let t0 = Instant::now();
     let load_before = load_average();
-    let kind: StrategyKind = serde_json::from_value(serde_json::json!(opts.strategy))
-        .map_err(|_| DemoError::Strategy(opts.strategy.clone()))?;
-    if kind == StrategyKind::Local {
-        return Err(DemoError::Strategy(opts.strategy.clone()));
-    }
+    let kind = federated_strategy(&opts.strategy)?;
     std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
     let out = std::fs::canonicalize(&opts.out).map_err(io(&opts.out))?;
 
-    println!("== real anatomy (cached after the first run)");
-    cosilo_lab::fetch::fetch_all(&opts.cache)?;
-    let cohort = out.join("cohort");
-    let manifest = cohort.join(cosilo_lab::cohort::MANIFEST_FILE);
-    if !manifest.exists() {
-        println!("== cohort: 3 hospitals, 40 / 15 / 5 training patients, 4 held out each");
-        let spec = cosilo_lab::cohort::CohortSpec::new(7, "40,15,5", 4)?;
-        cosilo_lab::cohort::build_cohort(&opts.cache, &cohort, &spec)?;
-    }
-    for h in HOSPITALS {
-        // A fresh store each time: a rerun must train again, not resume (or refuse) the previous
-        // run's finished sessions.
-        let dir = out.join(format!("{h}-store"));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
-        }
-        let store = Store::open(&dir)?;
-        let requests = cosilo_store::import::read_manifest(&manifest, Some(h))?;
-        let report = cosilo_store::import::import_all(&store, &requests)?;
-        if !report.refused.is_empty() {
-            return Err(DemoError::Refused(report.refused.len(), h.to_string()));
-        }
-    }
+    let manifest = prepare_cohort(&opts.cache, &out)?;
+    let mut plan = FederationPlan::new("demo", &HOSPITALS, &out);
+    // Keys are made once in their own folder; a rerun keeps them.
+    plan.keys = out.join("keys");
+    plan.import_cohort(&manifest)?;
+    plan.write_keys_and_roster()?;
 
-    // Keys and roster (made once; a rerun keeps them).
-    let keys = out.join("keys");
-    let mut roster = String::from("[federation]\nname = \"demo\"\n");
-    for h in HOSPITALS {
-        let path = SiteKeys::key_path(&keys, h);
-        let k = if path.exists() {
-            SiteKeys::load(&path)?
-        } else {
-            let k = SiteKeys::generate(h)?;
-            k.save(&keys)?;
-            k
-        };
-        roster += &format!("\n{}", k.roster_entry());
-    }
-    write(&out.join("roster.toml"), &roster)?;
-
-    let max_packet = 1 << 20;
-    let broker = EmbeddedBroker::start("127.0.0.1:0".parse().expect("literal"), max_packet)?;
+    let broker = EmbeddedBroker::start("127.0.0.1:0".parse().expect("literal"), MAX_PACKET)?;
     println!("== embedded MQTT broker on {}", broker.addr());
-
-    let phase = |strategy: StrategyKind| -> Result<(Vec<RunSummary>, f64), DemoError> {
-        let t = Instant::now();
-        let mut children: Vec<(String, Child, PathBuf, PathBuf)> = Vec::new();
-        for h in HOSPITALS {
-            let mut cfg = SiteConfig::default();
-            cfg.site.id = h.to_string();
-            cfg.site.store = out.join(format!("{h}-store"));
-            cfg.site.hospital = h.to_string();
-            cfg.federation.name = "demo".into();
-            cfg.federation.strategy = strategy;
-            cfg.federation.roster = out.join("roster.toml");
-            cfg.federation.key = SiteKeys::key_path(&keys, h);
-            cfg.federation.rounds = opts.rounds;
-            cfg.federation.steps_per_round = opts.steps_per_round;
-            cfg.federation.personalise_steps = opts.personalise_steps;
-            cfg.federation.eval_every = opts.eval_every;
-            cfg.federation.round_deadline_s = 300;
-            cfg.federation.update_timeout_s = 600;
-            cfg.broker.host = "127.0.0.1".into();
-            cfg.broker.port = broker.addr().port();
-            cfg.broker.max_packet_bytes = max_packet;
-            let name = format!("{h}-{}", strategy.name());
-            let cfg_path = out.join(format!("{name}.toml"));
-            write(&cfg_path, &toml::to_string(&cfg).unwrap_or_default())?;
-            let summary = out.join(format!("{name}-summary.json"));
-            let log = out.join(format!("{name}.log"));
-            let _ = std::fs::remove_file(&summary);
-            let log_file = std::fs::File::create(&log).map_err(io(&log))?;
-            let err_file = log_file.try_clone().map_err(io(&log))?;
-            let child = Command::new(&opts.cosilo)
-                .arg("run")
-                .arg("--config")
-                .arg(&cfg_path)
-                .arg("--summary")
-                .arg(&summary)
-                // Three sites share the machine's cores: one kernel thread each.
-                .env("RAYON_NUM_THREADS", "1")
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::from(log_file))
-                .stderr(Stdio::from(err_file))
-                .spawn()
-                .map_err(|source| DemoError::Spawn {
-                    program: opts.cosilo.clone(),
-                    source,
-                })?;
-            children.push((h.to_string(), child, summary, log));
-        }
-        let mut summaries = Vec::new();
-        let mut failure = None;
-        for (site, mut child, summary, log) in children {
-            let status = child.wait().map_err(io(&log))?;
-            if !status.success() {
-                failure.get_or_insert(DemoError::Site {
-                    site,
-                    phase: strategy.name().into(),
-                    status: status.to_string(),
-                    log,
-                });
-                continue;
-            }
-            let text = std::fs::read_to_string(&summary).map_err(io(&summary))?;
-            summaries.push(serde_json::from_str::<RunSummary>(&text).map_err(|e| {
-                DemoError::Summary {
-                    path: summary.clone(),
-                    reason: e.to_string(),
-                }
-            })?);
-        }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        Ok((summaries, t.elapsed().as_secs_f64()))
-    };
-
+    let port = broker.addr().port();
     println!(
         "== local-only baseline: each hospital alone, {} rounds x {} steps + {} steps (3 processes)",
         opts.rounds, opts.steps_per_round, opts.personalise_steps
     );
-    let (local, local_seconds) = phase(StrategyKind::Local)?;
+    let (local, local_seconds) = run_phase(opts, &plan, port, StrategyKind::Local)?;
     println!("   {local_seconds:.0} s");
     println!(
         "== federation ({}): 3 appliances over MQTT, {} rounds x {} steps, then {} steps of personalisation",
@@ -354,10 +234,163 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoResults, DemoError> {
         opts.steps_per_round,
         opts.personalise_steps
     );
-    let (fed, federated_seconds) = phase(kind)?;
+    let (fed, federated_seconds) = run_phase(opts, &plan, port, kind)?;
     println!("   {federated_seconds:.0} s");
     drop(broker);
 
+    let results = DemoResults {
+        strategy: kind.name().into(),
+        rounds: opts.rounds,
+        steps_per_round: opts.steps_per_round,
+        personalise_steps: opts.personalise_steps,
+        eval_every: opts.eval_every,
+        load_before,
+        load_after: load_average(),
+        hospitals: hospital_results(opts, &local, &fed),
+        local_seconds,
+        federated_seconds,
+        total_seconds: t0.elapsed().as_secs_f64(),
+    };
+    write_results(&opts.results, &results)?;
+    Ok(results)
+}
+
+/// The max MQTT packet of the demo's broker and sites.
+const MAX_PACKET: usize = 1 << 20;
+
+/// The federated arm's strategy from its name (not `local`: that is the baseline).
+fn federated_strategy(name: &str) -> Result<StrategyKind, DemoError> {
+    let kind: StrategyKind = serde_json::from_value(serde_json::json!(name))
+        .map_err(|_| DemoError::Strategy(name.to_string()))?;
+    if kind == StrategyKind::Local {
+        return Err(DemoError::Strategy(name.to_string()));
+    }
+    Ok(kind)
+}
+
+/// Fetches the anatomy if needed and builds the 3-hospital cohort in `out/cohort` unless it is
+/// there; returns its manifest.
+fn prepare_cohort(cache: &Path, out: &Path) -> Result<PathBuf, DemoError> {
+    println!("== real anatomy (cached after the first run)");
+    cosilo_lab::fetch::fetch_all(cache)?;
+    let cohort = out.join("cohort");
+    let manifest = cohort.join(cosilo_lab::cohort::MANIFEST_FILE);
+    if !manifest.exists() {
+        println!("== cohort: 3 hospitals, 40 / 15 / 5 training patients, 4 held out each");
+        let spec = cosilo_lab::cohort::CohortSpec::new(7, "40,15,5", 4)?;
+        cosilo_lab::cohort::build_cohort(cache, &cohort, &spec)?;
+    }
+    Ok(manifest)
+}
+
+/// A site process of one phase: its id, the child, its summary file and its log.
+struct PhaseSite {
+    site: String,
+    child: Child,
+    summary: PathBuf,
+    log: PathBuf,
+}
+
+/// Runs every hospital as a `cosilo run` process with `strategy` until all exit; returns their
+/// summaries and the phase's seconds.
+fn run_phase(
+    opts: &DemoOptions,
+    plan: &FederationPlan,
+    broker_port: u16,
+    strategy: StrategyKind,
+) -> Result<(Vec<RunSummary>, f64), DemoError> {
+    let t = Instant::now();
+    let mut sites = Vec::new();
+    for h in HOSPITALS {
+        sites.push(start_site(opts, plan, broker_port, strategy, h)?);
+    }
+    let mut summaries = Vec::new();
+    let mut failure = None;
+    for PhaseSite {
+        site,
+        mut child,
+        summary,
+        log,
+    } in sites
+    {
+        let status = child.wait().map_err(io(&log))?;
+        if !status.success() {
+            failure.get_or_insert(DemoError::Site {
+                site,
+                phase: strategy.name().into(),
+                status: status.to_string(),
+                log,
+            });
+            continue;
+        }
+        let text = std::fs::read_to_string(&summary).map_err(io(&summary))?;
+        summaries.push(serde_json::from_str::<RunSummary>(&text).map_err(|e| {
+            DemoError::Summary {
+                path: summary.clone(),
+                reason: e.to_string(),
+            }
+        })?);
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok((summaries, t.elapsed().as_secs_f64()))
+}
+
+/// Writes site `h`'s configuration for `strategy` and starts it, logging to `{h}-{strategy}.log`.
+fn start_site(
+    opts: &DemoOptions,
+    plan: &FederationPlan,
+    broker_port: u16,
+    strategy: StrategyKind,
+    h: &str,
+) -> Result<PhaseSite, DemoError> {
+    let mut cfg = plan.site_config(h, strategy, broker_port, MAX_PACKET);
+    cfg.federation.rounds = opts.rounds;
+    cfg.federation.steps_per_round = opts.steps_per_round;
+    cfg.federation.personalise_steps = opts.personalise_steps;
+    cfg.federation.eval_every = opts.eval_every;
+    cfg.federation.round_deadline_s = 300;
+    cfg.federation.update_timeout_s = 600;
+    let name = format!("{h}-{}", strategy.name());
+    let cfg_path = plan.dir.join(format!("{name}.toml"));
+    plan.write_config(&cfg, &cfg_path)?;
+    let summary = plan.dir.join(format!("{name}-summary.json"));
+    let log = plan.dir.join(format!("{name}.log"));
+    let _ = std::fs::remove_file(&summary);
+    let log_file = std::fs::File::create(&log).map_err(io(&log))?;
+    let err_file = log_file.try_clone().map_err(io(&log))?;
+    let child = Command::new(&opts.cosilo)
+        .arg("run")
+        .arg("--config")
+        .arg(&cfg_path)
+        .arg("--summary")
+        .arg(&summary)
+        // Three sites share the machine's cores: one kernel thread each.
+        .env("RAYON_NUM_THREADS", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::from(log_file))
+        .stderr(Stdio::from(err_file))
+        .spawn()
+        .map_err(|source| DemoError::Spawn {
+            program: opts.cosilo.clone(),
+            source,
+        })?;
+    Ok(PhaseSite {
+        site: h.to_string(),
+        child,
+        summary,
+        log,
+    })
+}
+
+/// Each hospital's scores side by side: initial, local-only (after the rounds and after all
+/// steps), federated shared and personalised.
+fn hospital_results(
+    opts: &DemoOptions,
+    local: &[RunSummary],
+    fed: &[RunSummary],
+) -> Vec<HospitalResult> {
     let class_names: Vec<String> = cosilo_train::DEFAULT_CLASSES
         .iter()
         .map(|s| s.to_string())
@@ -370,9 +403,9 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoResults, DemoError> {
             .collect()
     };
     let rounds_steps = opts.rounds as usize * opts.steps_per_round;
-    let hospitals: Vec<HospitalResult> = local
+    local
         .iter()
-        .zip(&fed)
+        .zip(fed)
         .map(|(l, f)| {
             let mut models = vec![
                 ModelScore::new(INITIAL, 0, &l.initial_dice),
@@ -399,37 +432,22 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoResults, DemoError> {
                 federated_bytes_received: f.bytes_received,
             }
         })
-        .collect();
-    let results = DemoResults {
-        strategy: kind.name().into(),
-        rounds: opts.rounds,
-        steps_per_round: opts.steps_per_round,
-        personalise_steps: opts.personalise_steps,
-        eval_every: opts.eval_every,
-        load_before,
-        load_after: load_average(),
-        hospitals,
-        local_seconds,
-        federated_seconds,
-        total_seconds: t0.elapsed().as_secs_f64(),
-    };
-    let md = to_markdown(&results);
+        .collect()
+}
+
+/// Prints the Markdown report and writes `federation-demo.{md,json,svg}` into `dir`.
+fn write_results(dir: &Path, results: &DemoResults) -> Result<(), DemoError> {
+    let md = to_markdown(results);
     println!("\n{md}");
-    std::fs::create_dir_all(&opts.results).map_err(io(&opts.results))?;
-    write(&opts.results.join("federation-demo.md"), &md)?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    write(&dir.join("federation-demo.md"), &md)?;
     write(
-        &opts.results.join("federation-demo.json"),
-        &serde_json::to_string_pretty(&results).unwrap_or_default(),
+        &dir.join("federation-demo.json"),
+        &serde_json::to_string_pretty(results).unwrap_or_default(),
     )?;
-    write(
-        &opts.results.join("federation-demo.svg"),
-        &chart_svg(&results),
-    )?;
-    println!(
-        "results: {}",
-        opts.results.join("federation-demo.md").display()
-    );
-    Ok(results)
+    write(&dir.join("federation-demo.svg"), &chart_svg(results))?;
+    println!("results: {}", dir.join("federation-demo.md").display());
+    Ok(())
 }
 
 /// Formats a Dice value to three decimals ("–" when absent).

@@ -12,9 +12,12 @@
 //! - [`local`]: one site's pipeline: store → training → evaluation → report.
 //! - [`bridge_sink`]: the PACS bridge's complete series become store cases.
 //! - [`demo`]: `cosilo demo`: three hospitals federated on one machine against local-only.
+//! - [`plan`]: a federation laid out in one folder (stores, keys, roster, site configurations),
+//!   shared by the demo and the test harness.
 
 pub mod bridge_sink;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod local;
+pub mod plan;

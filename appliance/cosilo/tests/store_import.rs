@@ -154,6 +154,8 @@ fn import_killed_after(store: &Path, manifest: &Path, delay: Duration) -> (bool,
     let mut child = cosilo_import(store, &["--manifest", manifest.to_str().unwrap()])
         .spawn()
         .unwrap();
+    // Not synchronisation: the delay picks the moment of the crash (the test sweeps it), and the
+    // checks below hold wherever the kill lands, even before the first case or after the last.
     std::thread::sleep(delay);
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();

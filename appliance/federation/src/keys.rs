@@ -312,6 +312,12 @@ struct SiteSection {
 }
 
 impl Roster {
+    /// A roster of `sites` for the federation `name`, validated as a file is.
+    pub fn new(name: &str, sites: Vec<RosterSite>) -> Result<Self, KeysError> {
+        let name = name.to_string();
+        Self::parse(&Roster { name, sites }.to_toml(), "a new roster")
+    }
+
     /// Reads and validates a roster file.
     pub fn load(path: &Path) -> Result<Self, KeysError> {
         let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {

@@ -8,7 +8,7 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value = "out/federation-demo")]
     pub(crate) out: PathBuf,
     /// Where the results (federation-demo.md/.json/.svg) go.
-    #[arg(long, default_value = "docs/results")]
+    #[arg(long, default_value = "out/federation-demo/results")]
     pub(crate) results: PathBuf,
     /// Training rounds.
     #[arg(long, default_value_t = 8)]

@@ -298,6 +298,40 @@ pub fn build_from_subjects(
     if manifest_path.exists() {
         std::fs::remove_file(&manifest_path).map_err(io_err("cannot remove", &manifest_path))?;
     }
+    let jobs = plan_jobs(out, spec)?;
+    let built = build_cases(&jobs, subjects, out, spec.seed, progress)?;
+
+    let mut cases = Vec::with_capacity(jobs.len());
+    let mut tiles: Vec<Vec<RgbImage>> = vec![Vec::new(); HOSPITALS.len()];
+    for (job, (record, tile)) in jobs.iter().zip(built) {
+        if let Some(t) = tile {
+            tiles[job.hospital].push(t);
+        }
+        cases.push(record);
+    }
+    let manifest = Manifest {
+        format_version: manifest::FORMAT_VERSION,
+        generator: GENERATOR.into(),
+        generator_version: GENERATOR_VERSION,
+        seed: spec.seed,
+        note: NOTE.into(),
+        labels: labels::NAMES.iter().map(|s| s.to_string()).collect(),
+        hospitals: hospital_records(subjects, spec, out, &tiles)?,
+        cases,
+    };
+    write_manifest(&manifest, out, &manifest_path)?;
+    tracing::info!(
+        cases = manifest.cases.len(),
+        seconds = start.elapsed().as_secs_f64(),
+        out = %out.display(),
+        "cohort written"
+    );
+    Ok(manifest)
+}
+
+/// Every patient of the cohort, hospital by hospital (training, then held out), each with its
+/// fake identity; creates each hospital's folder.
+fn plan_jobs(out: &Path, spec: &CohortSpec) -> Result<Vec<Job>, CohortError> {
     let mut jobs = Vec::new();
     for (h, hospital) in HOSPITALS.iter().enumerate() {
         let dir = out.join(hospital.id);
@@ -321,9 +355,13 @@ pub fn build_from_subjects(
             }
         }
     }
+    Ok(jobs)
+}
 
+/// A progress bar over `len` patients (hidden without `progress`).
+fn progress_bar(progress: bool, len: usize) -> indicatif::ProgressBar {
     let bar = if progress {
-        indicatif::ProgressBar::new(jobs.len() as u64)
+        indicatif::ProgressBar::new(len as u64)
     } else {
         indicatif::ProgressBar::hidden()
     };
@@ -335,7 +373,18 @@ pub fn build_from_subjects(
         .progress_chars("=> "),
     );
     bar.set_prefix("cohort");
+    bar
+}
 
+/// Builds every job's case on all cores (stopping at the first error); results in job order.
+fn build_cases(
+    jobs: &[Job],
+    subjects: &[Subject],
+    out: &Path,
+    seed: u64,
+    progress: bool,
+) -> Result<Vec<BuiltCase>, CohortError> {
+    let bar = progress_bar(progress, jobs.len());
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let results: Mutex<Vec<Option<BuiltCase>>> =
@@ -354,7 +403,7 @@ pub fn build_from_subjects(
                     }
                     let n = next.fetch_add(1, Ordering::Relaxed);
                     let Some(job) = jobs.get(n) else { break };
-                    match build_case(job, &subjects[job.hospital], out, spec.seed) {
+                    match build_case(job, &subjects[job.hospital], out, seed) {
                         Ok(r) => {
                             bar.set_message(r.0.case_id.clone());
                             bar.inc(1);
@@ -382,19 +431,22 @@ pub fn build_from_subjects(
         return Err(e);
     }
     bar.finish();
-    let results = results
+    results
         .into_inner()
-        .map_err(|_| CohortError::WorkerPanicked)?;
+        .map_err(|_| CohortError::WorkerPanicked)?
+        .into_iter()
+        .map(|r| r.ok_or(CohortError::WorkerPanicked))
+        .collect()
+}
 
-    let mut cases = Vec::with_capacity(jobs.len());
-    let mut tiles: Vec<Vec<RgbImage>> = vec![Vec::new(); HOSPITALS.len()];
-    for (job, r) in jobs.iter().zip(results) {
-        let (record, tile) = r.ok_or(CohortError::WorkerPanicked)?;
-        if let Some(t) = tile {
-            tiles[job.hospital].push(t);
-        }
-        cases.push(record);
-    }
+/// Each hospital's record (source subject, grid, scanner, case counts); writes its montage of
+/// the first few cases' `tiles`.
+fn hospital_records(
+    subjects: &[Subject],
+    spec: &CohortSpec,
+    out: &Path,
+    tiles: &[Vec<RgbImage>],
+) -> Result<Vec<HospitalRecord>, CohortError> {
     let mut hospitals = Vec::new();
     for (h, hospital) in HOSPITALS.iter().enumerate() {
         let g = &subjects[h].labels.geometry;
@@ -422,33 +474,20 @@ pub fn build_from_subjects(
             test_cases: spec.test,
         });
     }
-    let manifest = Manifest {
-        format_version: manifest::FORMAT_VERSION,
-        generator: GENERATOR.into(),
-        generator_version: GENERATOR_VERSION,
-        seed: spec.seed,
-        note: NOTE.into(),
-        labels: labels::NAMES.iter().map(|s| s.to_string()).collect(),
-        hospitals,
-        cases,
-    };
+    Ok(hospitals)
+}
+
+/// Writes the manifest to `path` atomically (a temporary file in `out`, then a rename).
+fn write_manifest(manifest: &Manifest, out: &Path, path: &Path) -> Result<(), CohortError> {
     let mut text =
-        serde_json::to_string_pretty(&manifest).map_err(|source| CohortError::Manifest {
-            path: manifest_path.display().to_string(),
+        serde_json::to_string_pretty(manifest).map_err(|source| CohortError::Manifest {
+            path: path.display().to_string(),
             source,
         })?;
     text.push('\n');
     let tmp = out.join(".manifest.json.tmp");
     std::fs::write(&tmp, text).map_err(io_err("cannot write", &tmp))?;
-    std::fs::rename(&tmp, &manifest_path)
-        .map_err(io_err("cannot rename into place", &manifest_path))?;
-    tracing::info!(
-        cases = manifest.cases.len(),
-        seconds = start.elapsed().as_secs_f64(),
-        out = %out.display(),
-        "cohort written"
-    );
-    Ok(manifest)
+    std::fs::rename(&tmp, path).map_err(io_err("cannot rename into place", path))
 }
 
 /// A written case's record and, for the first few of a hospital, its montage tile.
