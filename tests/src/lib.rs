@@ -4,7 +4,6 @@
 //! that needs an outside program (Python's ONNX tools, ONNX Runtime) finds it here and fails with a
 //! message saying how to install it, never skipping silently.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -13,6 +12,10 @@ pub mod bridge_process;
 pub mod brokers;
 pub mod federation_harness;
 pub mod orthanc;
+
+/// A free TCP port on loopback (one definition, in `orthanc.rs`, which the bridge's own tests
+/// include by path).
+pub use orthanc::free_port;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -35,12 +38,3 @@ pub fn python() -> String {
     "python3".into()
 }
 
-/// A free TCP port on loopback (bound, read, released), for servers that cannot listen on port 0
-/// and report it.
-pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-    Ok(listener
-        .local_addr()
-        .context("reading the bound port")?
-        .port())
-}

@@ -7,11 +7,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::net::TcpListener;
+
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
 /// Re-exported where the Orthanc tests have always found it.
-pub use crate::free_port;
+/// A free TCP port on loopback (bound, read, released), for servers that cannot listen on port 0
+/// and report it.
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener
+        .local_addr()
+        .context("reading the bound port")?
+        .port())
+}
 
 /// A running Orthanc; killed on drop.
 pub struct Orthanc {
