@@ -50,6 +50,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use crate::durable::sync_dir;
+
 /// Bytes reserved for a segment's header; records start here.
 pub const SEGMENT_HEADER_BYTES: u64 = 4096;
 /// Records start at multiples of this.
@@ -308,10 +310,6 @@ fn flock_exclusive(file: &File) -> std::io::Result<bool> {
     } else {
         Err(e)
     }
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 fn syncfs(dir: &Path) -> std::io::Result<()> {

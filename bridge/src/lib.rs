@@ -13,6 +13,7 @@
 //! - [`durable`]: durable writes (temp file, sync, rename, directory sync), in one place.
 //! - [`scp`]: the DICOM service provider (C-ECHO, C-STORE) that writes every instance to disk
 //!   before acknowledging it.
+//! - [`spool`]: the durable spool ([`spool::SpoolSink`]) the SCP writes through.
 //! - [`journal`]: the spool's write-ahead journal (one device flush per received instance).
 //! - [`scu`]: the client side: C-FIND / C-MOVE query-retrieve and C-STORE sends.
 //! - [`config`]: typed configuration of the network side (SCP, PACS peer, spool, outbox).
@@ -41,6 +42,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod scp;
 pub mod scu;
+pub mod spool;
 pub mod writeback;
 
 pub use cosilo_sdk::volume::{Geometry, Volume};

@@ -132,30 +132,17 @@ fn now_ms() -> u64 {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), OutboxError> {
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| OutboxError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })
+    crate::durable::sync_dir(dir).map_err(|source| OutboxError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Writes `bytes` to `path` atomically and durably (the caller fsyncs the directory).
 fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), OutboxError> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    res.map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        OutboxError::Write {
-            path: path.to_path_buf(),
-            source,
-        }
+    crate::durable::replace_file(path, bytes).map_err(|source| OutboxError::Write {
+        path: path.to_path_buf(),
+        source,
     })
 }
 
