@@ -33,6 +33,10 @@ CACHE="${COSILO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cosilo}"
 DIR="$CACHE/cuda-13.0"
 CAP="${CUDA_COMPUTE_CAP:-90}"
 LINK=0
+# pip from the project's virtual environment where there is one (scripts/lib.sh ensure_python;
+# Debian's python3 has no pip module), else python3's.
+PY="${COSILO_PYTHON:-$ROOT/.venv/bin/python}"
+[ -x "$PY" ] || PY=python3
 [ "${1:-}" = "--link" ] && LINK=1
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -67,14 +71,14 @@ install_wheels() {
     local req="$DIR/wheels/requirements-$set.txt"
     echo "$list" | awk 'NF == 2 { print $1 " --hash=sha256:" $2 }' >"$req"
     say "pip download the CUDA 13 $set wheels into $DIR/wheels"
-    python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
         --require-hashes -r "$req" -d "$DIR/wheels" >&2
     local name
     for name in $(echo "$list" | awk 'NF == 2 { print $1 }'); do
         local file
         file="$(ls "$DIR/wheels/$(echo "${name%%==*}" | tr - _)-${name##*==}-"*.whl)"
         say "unpack $(basename "$file")"
-        python3 -m zipfile -e "$file" "$DIR/root" >&2
+        "$PY" -m zipfile -e "$file" "$DIR/root" >&2
     done
     echo "$list" | sha256sum >"$stamp"
 }
