@@ -68,7 +68,12 @@ fn pick_device() -> candle_core::Device {
                 d
             }
             Err(e) => {
-                tracing::warn!("cuda build, but no usable CUDA GPU ({e}); training on the CPU");
+                // candle appends a backtrace to driver errors under RUST_BACKTRACE: first line only.
+                let e = e.to_string();
+                let reason = e.lines().next().unwrap_or("unknown error");
+                tracing::warn!(
+                    "cuda build, but no usable CUDA GPU ({reason}); training on the CPU"
+                );
                 candle_core::Device::Cpu
             }
         })
