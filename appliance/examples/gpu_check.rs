@@ -722,6 +722,14 @@ mod gpu_mem {
         )
     }
 
+    /// Bytes of the pool in use now.
+    pub fn used_now(dev: &Device) -> Option<u64> {
+        attr(
+            dev,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        )
+    }
+
     pub fn reset(dev: &Device) {
         if let Some(p) = pool(dev) {
             for a in [
@@ -750,6 +758,9 @@ mod gpu_mem {
         (None, None)
     }
     pub fn reset(_: &Device) {}
+    pub fn used_now(_: &Device) -> Option<u64> {
+        None
+    }
     pub fn in_use() -> Option<u64> {
         None
     }
@@ -834,6 +845,110 @@ fn bench(batch: usize, size: usize, steps: usize, budget_s: f64) -> anyhow::Resu
     Ok(())
 }
 
+/// `gpu_check profile BATCH`: each U-Net op of the default model at its largest shape, forward and
+/// forward + backward of `sum(f(x) · r)`, median of 5 synchronised runs after 2 warm-up runs, with
+/// the memory pool's high-water mark over one forward + backward (inputs excluded). One JSON line
+/// per op.
+fn profile(batch: usize) -> anyhow::Result<()> {
+    let side = Side::pick()?;
+    let dev = side.dev.clone();
+    let b = batch;
+    type P = (&'static str, Vec<Vec<usize>>, Box<OpFn>);
+    let cases: Vec<P> = vec![
+        (
+            "conv3x3 16->16 @128",
+            vec![vec![b, 16, 128, 128], vec![16, 16, 3, 3], vec![16]],
+            Box::new(|t, _| ops::conv2d(&t[0], &t[1], &t[2], 1)),
+        ),
+        (
+            "conv3x3 32->16 @128",
+            vec![vec![b, 32, 128, 128], vec![16, 32, 3, 3], vec![16]],
+            Box::new(|t, _| ops::conv2d(&t[0], &t[1], &t[2], 1)),
+        ),
+        (
+            "conv3x3 128->128 @16",
+            vec![vec![b, 128, 16, 16], vec![128, 128, 3, 3], vec![128]],
+            Box::new(|t, _| ops::conv2d(&t[0], &t[1], &t[2], 1)),
+        ),
+        (
+            "groupnorm+relu 16 @128",
+            vec![vec![b, 16, 128, 128], vec![16], vec![16]],
+            Box::new(|t, _| ops::group_norm_relu(&t[0], &t[1], &t[2], 4, 1e-5)),
+        ),
+        (
+            "maxpool2x2 16 @128",
+            vec![vec![b, 16, 128, 128]],
+            Box::new(|t, _| ops::max_pool_2x2(&t[0])),
+        ),
+        (
+            "convT2x2 32->16 @64->128",
+            vec![vec![b, 32, 64, 64], vec![32, 16, 2, 2], vec![16]],
+            Box::new(|t, _| ops::conv_transpose_2x2(&t[0], &t[1], &t[2])),
+        ),
+        (
+            "cat 16+16 @128",
+            vec![vec![b, 16, 128, 128], vec![b, 16, 128, 128]],
+            Box::new(|t, _| ops::cat_channels(&t[0], &t[1])),
+        ),
+        (
+            "conv1x1 16->5 @128",
+            vec![vec![b, 16, 128, 128], vec![5, 16, 1, 1], vec![5]],
+            Box::new(|t, _| ops::conv2d(&t[0], &t[1], &t[2], 0)),
+        ),
+    ];
+    for (name, shapes, f) in cases {
+        let mut rng = Rng::new(5);
+        let vars: Vec<Var> = shapes
+            .iter()
+            .map(|s| Var::from_tensor(&Tensor::from_vec(randn(s, &mut rng), s.as_slice(), &dev)?))
+            .collect::<candle_core::Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y0 = f(&ts, true)?;
+        let r = Tensor::from_vec(randn(y0.dims(), &mut rng), y0.dims(), &dev)?;
+        drop(y0);
+        let (mut fwd, mut all) = (Vec::new(), Vec::new());
+        let mut high = None;
+        let mut base = None;
+        for i in 0..7 {
+            dev.synchronize()?;
+            if i == 6 {
+                gpu_mem::reset(&dev);
+                base = gpu_mem::used_now(&dev);
+            }
+            let t0 = Instant::now();
+            let y = f(&ts, true)?;
+            dev.synchronize()?;
+            let t1 = Instant::now();
+            let g = (&y * &r)?.sum_all()?.backward()?;
+            drop(g);
+            drop(y);
+            dev.synchronize()?;
+            let t2 = Instant::now();
+            if i == 6 {
+                high = gpu_mem::high_water(&dev).0;
+            } else if i >= 2 {
+                fwd.push((t1 - t0).as_secs_f64() * 1e3);
+                all.push((t2 - t0).as_secs_f64() * 1e3);
+            }
+        }
+        fwd.sort_by(f64::total_cmp);
+        all.sort_by(f64::total_cmp);
+        let input_mib: f64 = shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>() as f64 * 4.0)
+            .sum::<f64>()
+            / (1u64 << 20) as f64;
+        println!(
+            "{}",
+            json!({"impl": "candle", "op": name, "batch": b, "ms_forward": fwd[fwd.len() / 2],
+                "ms_forward_backward": all[all.len() / 2], "inputs_mib": input_mib,
+                "pool_used_high_mib": high.map(|v| v as f64 / (1u64 << 20) as f64),
+                "peak_above_inputs_mib": high.zip(base).map(|(h, b)| h.saturating_sub(b) as f64 / (1u64 << 20) as f64)})
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -861,12 +976,13 @@ fn main() -> anyhow::Result<()> {
             let budget = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(20.0);
             bench(num(1, 8)?, num(2, 128)?, num(3, 10)?, budget)
         }
+        Some("profile") => profile(num(1, 8)?),
         Some("device") => {
             // Which device `train::device()` picks (and its one log line).
             let d = cosilo_appliance::train::device()?;
             println!("{}", if d.is_cpu() { "cpu" } else { "cuda" });
             Ok(())
         }
-        _ => bail!("usage: gpu_check check OUT.json [TRAIN_STEPS] | bench BATCH SIZE STEPS [SECONDS] | device"),
+        _ => bail!("usage: gpu_check check OUT.json [TRAIN_STEPS] | bench BATCH SIZE STEPS [SECONDS] | profile BATCH | device"),
     }
 }

@@ -15,6 +15,6 @@ cargo build --release -p cosilo-appliance --features cuda --example gpu_check --
 mkdir -p "$DEST"
 strip -o "$DEST/gpu_check" target-cuda/release/examples/gpu_check
 xz -9 -T2 -f "$DEST/gpu_check"
-cp bench/gpu/run.sh bench/gpu/torch_step.py bench/gpu/report.py "$DEST/"
+cp bench/gpu/run.sh bench/gpu/profile.sh bench/gpu/torch_step.py bench/gpu/torch_ops.py bench/gpu/report.py "$DEST/"
 git rev-parse HEAD >"$DEST/commit.txt"
 du -sh "$DEST"
