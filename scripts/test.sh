@@ -17,6 +17,16 @@ cargo fmt --all -- --check
 say "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+# The GPU build: the `cuda` feature of the training code (its library, tests and examples) must
+# compile and pass clippy on this CPU-only machine. A CUDA 13.0 compiler and headers come from
+# pinned wheels (scripts/setup-cuda.sh, cached); candle's kernels compile to PTX for sm_90. No link:
+# docs/DEPENDENCIES.md ("The GPU build") says why a check, and what running it needs.
+say "cargo clippy --features cuda (the GPU build compiles; no GPU here)"
+(
+  eval "$(bash scripts/setup-cuda.sh)"
+  cargo clippy -p cosilo-train -p cosilo-appliance --all-targets --features cuda --quiet -- -D warnings
+)
+
 say "fetch real anatomy into $COSILO_CACHE"
 cargo run --quiet --release -p cosilo-appliance -- data fetch
 

@@ -55,16 +55,40 @@ pub enum TrainError {
     Diverged { epoch: usize, step: usize },
 }
 
-/// The device training runs on: the first CUDA GPU when built with `--features cuda` and one is
-/// present, else the CPU.
+/// The device training runs on: the first CUDA GPU when built with `--features cuda` and one can
+/// be opened, else the CPU. A `cuda` build on a machine without a usable GPU (no device, a driver
+/// that refuses, `CUDA_VISIBLE_DEVICES=""`) logs one warning with the reason, once per process,
+/// and trains on the CPU. (The `cuda` build still needs the driver's `libcuda.so.1` and the CUDA
+/// libraries to start at all, since candle links them: docs/DEPENDENCIES.md.)
 pub fn device() -> Result<candle_core::Device, TrainError> {
-    #[cfg(feature = "cuda")]
-    {
-        if candle_core::utils::cuda_is_available() {
-            return Ok(candle_core::Device::new_cuda(0)?);
-        }
-    }
-    Ok(candle_core::Device::Cpu)
+    Ok(pick_device())
+}
+
+#[cfg(feature = "cuda")]
+fn pick_device() -> candle_core::Device {
+    static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| match candle_core::Device::new_cuda(0) {
+            Ok(d) => {
+                tracing::info!("training on CUDA GPU 0");
+                d
+            }
+            Err(e) => {
+                // candle appends a backtrace to driver errors under RUST_BACKTRACE: first line only.
+                let e = e.to_string();
+                let reason = e.lines().next().unwrap_or("unknown error");
+                tracing::warn!(
+                    "cuda build, but no usable CUDA GPU ({reason}); training on the CPU"
+                );
+                candle_core::Device::Cpu
+            }
+        })
+        .clone()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn pick_device() -> candle_core::Device {
+    candle_core::Device::Cpu
 }
 
 /// The class names of the default label map.

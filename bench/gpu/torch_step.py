@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""The default Cosilo U-Net training step in PyTorch on a GPU, for `bench/gpu/run.sh`.
+
+The same network, loss and optimiser as `appliance/train` (cosilo-train) (and `bench/train_vs_pytorch.py`,
+whose model this repeats): per level two blocks of conv3x3 pad 1 -> GroupNorm(4, eps 1e-5) -> ReLU
+with base << level channels, 2x2 max-pool written as reshape + amax, ConvTranspose2d(k2, s2) up,
+concatenation [skip, up] on channels, 1x1 head; loss = log-softmax cross-entropy + (1 - mean soft
+Dice over classes 1..C, smoothing 1, over the whole batch); AdamW lr 2e-3, betas 0.9/0.999,
+eps 1e-8, weight decay 1e-4 on convolution weights only. f32 tensors, random inputs.
+
+Each configuration is timed after 3 warm-up steps with torch.cuda.synchronize() before every clock
+read; it reports the median ms per step, slices/s, and torch.cuda.max_memory_allocated /
+max_memory_reserved (reset before each configuration). Two numeric modes:
+- `fp32`: TF32 off for convolutions and matrix products (the arithmetic candle does);
+- `default`: PyTorch as shipped (cuDNN convolutions may use TF32; matmul stays fp32).
+
+Usage: torch_step.py --batches 8,128,256 --size 128 --steps 10 [--device cpu] [--modes fp32,default]
+Prints one JSON line per configuration.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CLASSES = 5
+GROUPS = 4
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm = nn.GroupNorm(GROUPS, cout, eps=1e-5)
+
+    def forward(self, x):
+        return F.relu(self.norm(self.conv(x)))
+
+
+class Level(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.a = Block(cin, cout)
+        self.b = Block(cout, cout)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class UNet(nn.Module):
+    def __init__(self, base=16, depth=3):
+        super().__init__()
+        self.depth = depth
+        width = [base << l for l in range(depth + 1)]
+        self.enc = nn.ModuleList([Level(1 if l == 0 else width[l - 1], width[l]) for l in range(depth + 1)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(width[l + 1], width[l], 2, stride=2) for l in range(depth)])
+        self.dec = nn.ModuleList([Level(2 * width[l], width[l]) for l in range(depth)])
+        self.head = nn.Conv2d(width[0], CLASSES, 1)
+
+    def forward(self, x):
+        skips = []
+        for l, level in enumerate(self.enc):
+            x = level(x)
+            if l < self.depth:
+                skips.append(x)
+                b, c, hh, ww = x.shape
+                x = x.reshape(b, c, hh // 2, 2, ww // 2, 2).amax(dim=(3, 5))
+        for l in reversed(range(self.depth)):
+            x = self.dec[l](torch.cat([skips[l], self.up[l](x)], dim=1))
+        return self.head(x)
+
+
+def loss_fn(logits, one_hot):
+    b, c, hh, ww = logits.shape
+    log_p = F.log_softmax(logits, dim=1)
+    ce = -(log_p * one_hot).sum() / (b * hh * ww)
+    p = log_p.exp()
+    inter = (p * one_hot).sum(dim=(0, 2, 3))
+    denom = p.sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3))
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    return ce + (1 - dice[1:].mean())
+
+
+def run(device, batch, size, steps, mode, budget_s):
+    tf32 = mode == "default"
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(1)
+    net = UNet().to(device)
+    for name, p in net.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif ".norm" in name:
+            nn.init.ones_(p)
+        else:
+            nn.init.kaiming_normal_(p)
+    decay = [p for n, p in net.named_parameters() if n.endswith("weight") and ".norm" not in n]
+    rest = [p for n, p in net.named_parameters() if not (n.endswith("weight") and ".norm" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}],
+        lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
+    )
+    x = torch.rand(batch, 1, size, size, device=device)
+    labels = torch.randint(0, CLASSES, (batch, size, size), device=device)
+    one_hot = F.one_hot(labels, CLASSES).permute(0, 3, 1, 2).float().contiguous()
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times, fwd, bwd, upd = [], [], [], []
+    start = time.perf_counter()
+    warmup = 3
+    for i in range(steps + warmup):
+        if i == warmup and cuda:
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), one_hot)
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        opt.step()
+        value = loss.item()
+        sync()
+        t3 = time.perf_counter()
+        if value != value:
+            raise SystemExit(f"non-finite loss at step {i}")
+        if i >= warmup:
+            times.append((t3 - t0) * 1e3)
+            fwd.append((t1 - t0) * 1e3)
+            bwd.append((t2 - t1) * 1e3)
+            upd.append((t3 - t2) * 1e3)
+            if time.perf_counter() - start > budget_s and len(times) >= 3:
+                break
+    median = statistics.median(times)
+    out = {
+        "impl": "pytorch",
+        "mode": mode,
+        "version": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "batch": batch,
+        "h": size,
+        "w": size,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "steps": len(times),
+        "ms_per_step": median,
+        "ms_min": min(times),
+        "ms_max": max(times),
+        "slices_per_s": batch / (median / 1e3),
+        "ms_forward_loss": statistics.mean(fwd),
+        "ms_backward": statistics.mean(bwd),
+        "ms_optimiser": statistics.mean(upd),
+    }
+    if cuda:
+        out["max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["max_memory_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+    del net, opt, x, labels, one_hot
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="8,128,256")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--budget", type=float, default=20.0, help="seconds per configuration, at most")
+    ap.add_argument("--modes", default="fp32,default")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    for mode in args.modes.split(","):
+        for batch in [int(b) for b in args.batches.split(",")]:
+            try:
+                r = run(device, batch, args.size, args.steps, mode, args.budget)
+            except Exception as e:  # an out-of-memory at one size should not lose the others
+                r = {"impl": "pytorch", "mode": mode, "batch": batch, "error": repr(e)[:500]}
+            print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()
