@@ -6,8 +6,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-
 pub mod bridge_process;
 pub mod brokers;
 pub mod federation_harness;
