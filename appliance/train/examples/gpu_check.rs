@@ -486,11 +486,14 @@ fn default_unet() -> UNetConfig {
     cosilo_train::TrainConfig::default().model
 }
 
+/// Gradients by variable name.
+type NamedGrads = Vec<(String, Tensor)>;
+
 /// Named gradients of every variable.
 fn var_grads(
     vars: &VarMap,
     grads: &candle_core::backprop::GradStore,
-) -> anyhow::Result<Vec<(String, Tensor)>> {
+) -> anyhow::Result<NamedGrads> {
     let data = vars
         .data()
         .lock()
@@ -517,7 +520,7 @@ fn unet_parity(side: &Side) -> anyhow::Result<Value> {
     let x: Vec<f32> = (0..b * h * w).map(|_| rng.uniform() as f32).collect();
     let labels = random_labels(b, cfg.classes, h, w, &mut rng);
     let oh = one_hot(&labels, b, cfg.classes, h, w);
-    let run = |dev: &Device, kind: Ops| -> anyhow::Result<(Tensor, f32, Vec<(String, Tensor)>)> {
+    let run = |dev: &Device, kind: Ops| -> anyhow::Result<(Tensor, f32, NamedGrads)> {
         let (net, vars) = build(&cfg, dev, 1)?;
         let xt = Tensor::from_vec(x.clone(), (b, 1, h, w), dev)?;
         let t = Tensor::from_vec(oh.clone(), (b, cfg.classes, h, w), dev)?;
