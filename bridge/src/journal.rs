@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::durable::sync_dir;
+use cosilo_hardware::durable::sync_dir;
 
 /// Bytes reserved for a segment's header; records start here.
 pub const SEGMENT_HEADER_BYTES: u64 = 4096;

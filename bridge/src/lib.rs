@@ -10,7 +10,6 @@
 //! - [`dimse`]: DIMSE command sets (C-ECHO, C-STORE, C-FIND, C-MOVE), built in one place.
 //! - [`door`]: the SOP classes and transfer syntaxes accepted, and the pixel checks made
 //!   before a C-STORE is answered.
-//! - [`durable`]: durable writes (temp file, sync, rename, directory sync), in one place.
 //! - [`scp`]: the DICOM service provider (C-ECHO, C-STORE) that writes every instance to disk
 //!   before acknowledging it.
 //! - [`spool`]: the durable spool ([`spool::SpoolSink`]) the SCP writes through.
@@ -34,7 +33,6 @@ pub mod config;
 pub mod deid;
 pub mod dimse;
 pub mod door;
-pub mod durable;
 pub mod guard;
 pub mod init;
 pub mod journal;

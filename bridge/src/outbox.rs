@@ -132,7 +132,7 @@ fn now_ms() -> u64 {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), OutboxError> {
-    crate::durable::sync_dir(dir).map_err(|source| OutboxError::Write {
+    cosilo_hardware::durable::sync_dir(dir).map_err(|source| OutboxError::Write {
         path: dir.to_path_buf(),
         source,
     })
@@ -140,7 +140,7 @@ fn fsync_dir(dir: &Path) -> Result<(), OutboxError> {
 
 /// Writes `bytes` to `path` atomically and durably (the caller fsyncs the directory).
 fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), OutboxError> {
-    crate::durable::replace_file(path, bytes).map_err(|source| OutboxError::Write {
+    cosilo_hardware::durable::replace_file(path, bytes).map_err(|source| OutboxError::Write {
         path: path.to_path_buf(),
         source,
     })

@@ -25,27 +25,34 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.sync_all()
 }
 
-/// Replaces `path` atomically and durably: the bytes go to a temporary file beside it (same
-/// directory, so the rename stays on one filesystem), which is synced, renamed over `path`, and
-/// the directory synced. A reader sees the old content or the new, never a mix; after a crash the
-/// file is the old or the new one. On failure the temporary file is removed.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
+/// Writes `bytes` to `<path>.tmp` (same directory, so the rename stays on one filesystem),
+/// syncs it and renames it over `path`; the caller syncs the directory (once for several files).
+/// A reader sees the old content or the new, never a mix. A failure removes the temporary file.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
     let result = write_synced(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return result;
     }
+    result
+}
+
+/// [`replace_file`], then the directory synced: `path` is durable when this returns.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_file(path, bytes)?;
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
         _ => sync_dir(Path::new(".")),
     }
+}
+
+/// Renames `from` to `to` and syncs both parent directories.
+pub fn rename_synced(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::rename(from, to)?;
+    for d in [from.parent(), to.parent()].into_iter().flatten() {
+        sync_dir(d)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -35,4 +35,3 @@ pub fn python() -> String {
     }
     "python3".into()
 }
-

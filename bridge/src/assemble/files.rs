@@ -7,7 +7,7 @@ use dicom::core::Tag;
 use dicom::object::InMemDicomObject;
 
 use super::{AssembleError, RELEASED_MARKER, SEG_SOP_CLASS};
-use crate::durable::{rename_synced, sync_dir, write_atomic};
+use cosilo_hardware::durable::{rename_synced, sync_dir, write_atomic};
 
 pub(super) fn is_uid(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
