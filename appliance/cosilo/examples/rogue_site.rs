@@ -105,9 +105,7 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-fn now_ms() -> u64 {
-    wire::unix_ms_now()
-}
+use cosilo_federation::wire::unix_ms_now as now_ms;
 
 /// A small deterministic generator for garbage (xorshift64*).
 struct Noise(u64);

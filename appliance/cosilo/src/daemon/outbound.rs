@@ -3,7 +3,6 @@
 //! for gossip, remembered to answer a pull.
 
 use std::collections::BTreeSet;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::debug;
 
@@ -19,12 +18,8 @@ use cosilo_federation::wire::{
 /// How many of its own sent seqs a site remembers.
 const SENT_SEQS_KEPT: usize = 65_536;
 
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// Milliseconds since the Unix epoch: the wire format's clock.
+pub(super) use cosilo_federation::wire::unix_ms_now as now_ms;
 
 fn to_purpose(p: Purpose) -> UpdatePurpose {
     match p {
