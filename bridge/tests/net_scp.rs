@@ -428,7 +428,9 @@ const CRASH_INSTANCES: usize = 12;
 /// The child half of `acknowledged_instances_survive_sigkill_before_the_checkpoint`: a no-op
 /// unless the parent sets `COSILO_JOURNAL_CHILD`. Accepts the instances with a flusher that never
 /// runs, keeps a copy of each acknowledged file outside the spool, then SIGKILLs itself.
+/// Ignored, so that a plain run does not count it as a pass; the parent runs it with `--ignored`.
 #[test]
+#[ignore = "child process of acknowledged_instances_survive_sigkill_before_the_checkpoint"]
 fn journal_crash_child() -> Result<()> {
     let Ok(dir) = std::env::var("COSILO_JOURNAL_CHILD") else {
         return Ok(());
@@ -473,7 +475,7 @@ fn acknowledged_instances_survive_sigkill_before_the_checkpoint() -> Result<()> 
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir()?;
     let out = std::process::Command::new(std::env::current_exe()?)
-        .args(["--exact", "journal_crash_child", "--nocapture"])
+        .args(["--exact", "journal_crash_child", "--ignored", "--nocapture"])
         .env("COSILO_JOURNAL_CHILD", dir.path())
         .output()?;
     assert_eq!(
