@@ -17,9 +17,10 @@ pub(crate) mod writeback;
 /// The appliance store every store-using command takes.
 #[derive(clap::Args, Debug)]
 pub(crate) struct StoreDir {
-    /// The store directory.
+    /// The store directory (also accepted after a subcommand: `cosilo cases list --store DIR`).
     #[arg(
         long = "store",
+        global = true,
         value_name = "DIR",
         env = "COSILO_STORE",
         default_value = "./cosilo-store"
