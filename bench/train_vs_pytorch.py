@@ -13,7 +13,7 @@ reports the median wall time of its timed steps (after one warm-up step) and the
 per step. Other jobs on a shared machine only ever add time, so the table compares each side's
 quietest run (lowest median); every run is listed with the load average beside it.
 
-Both sides: the same U-Net (conv3x3 pad 1 -> GroupNorm(4) -> ReLU twice per level, reshape 2x2
+Both sides (the PyTorch one is `bench/torch_unet.py`, shared with `bench/gpu/torch_step.py`): the same U-Net (conv3x3 pad 1 -> GroupNorm(4) -> ReLU twice per level, reshape 2x2
 max-pool, ConvTranspose2d k2 s2, skip concatenation [skip, up], 1x1 head), the same loss
 (log-softmax cross-entropy + soft Dice over the foreground classes, smoothing 1), AdamW (lr 2e-3,
 betas 0.9/0.999, eps 1e-8, weight decay 1e-4 on convolution weights only), f32, random inputs,
@@ -36,10 +36,6 @@ SIZES = [
     ("issue: base 16, depth 3, batch 8 x 128x128", 16, 3, 8, 128, 128),
     ("demo: base 8, depth 3, batch 8 x 96x96", 8, 3, 8, 96, 96),
 ]
-CLASSES = 5
-GROUPS = 4
-
-
 def peak_rss_mib():
     with open("/proc/self/status") as f:
         for line in f:
@@ -50,86 +46,17 @@ def peak_rss_mib():
 
 def torch_worker(base, depth, batch, h, w, steps):
     import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
+
+    import torch_unet
 
     threads = int(os.environ.get("BENCH_THREADS", "2"))
     torch.set_num_threads(threads)
     torch.manual_seed(1)
 
-    class Block(nn.Module):
-        def __init__(self, cin, cout):
-            super().__init__()
-            self.conv = nn.Conv2d(cin, cout, 3, padding=1)
-            self.norm = nn.GroupNorm(GROUPS, cout, eps=1e-5)
-
-        def forward(self, x):
-            return F.relu(self.norm(self.conv(x)))
-
-    class Level(nn.Module):
-        def __init__(self, cin, cout):
-            super().__init__()
-            self.a = Block(cin, cout)
-            self.b = Block(cout, cout)
-
-        def forward(self, x):
-            return self.b(self.a(x))
-
-    class UNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            width = [base << l for l in range(depth + 1)]
-            self.enc = nn.ModuleList(
-                [Level(1 if l == 0 else width[l - 1], width[l]) for l in range(depth + 1)]
-            )
-            self.up = nn.ModuleList(
-                [nn.ConvTranspose2d(width[l + 1], width[l], 2, stride=2) for l in range(depth)]
-            )
-            self.dec = nn.ModuleList([Level(2 * width[l], width[l]) for l in range(depth)])
-            self.head = nn.Conv2d(width[0], CLASSES, 1)
-
-        def forward(self, x):
-            skips = []
-            for l, level in enumerate(self.enc):
-                x = level(x)
-                if l < depth:
-                    skips.append(x)
-                    b, c, hh, ww = x.shape
-                    # The same reshape max-pool as the candle model.
-                    x = x.reshape(b, c, hh // 2, 2, ww // 2, 2).amax(dim=(3, 5))
-            for l in reversed(range(depth)):
-                x = self.dec[l](torch.cat([skips[l], self.up[l](x)], dim=1))
-            return self.head(x)
-
-    def loss_fn(logits, one_hot):
-        b, c, hh, ww = logits.shape
-        log_p = F.log_softmax(logits, dim=1)
-        ce = -(log_p * one_hot).sum() / (b * hh * ww)
-        p = log_p.exp()
-        inter = (p * one_hot).sum(dim=(0, 2, 3))
-        denom = p.sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3))
-        dice = (2 * inter + 1.0) / (denom + 1.0)
-        return ce + (1 - dice[1:].mean())
-
-    net = UNet()
-    for name, p in net.named_parameters():
-        if name.endswith("bias"):
-            nn.init.zeros_(p)
-        elif ".norm" in name:
-            nn.init.ones_(p)
-        else:
-            nn.init.kaiming_normal_(p)
-    decay = [p for n, p in net.named_parameters() if n.endswith("weight") and ".norm" not in n]
-    no_decay = [p for n, p in net.named_parameters() if not (n.endswith("weight") and ".norm" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=2e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-    )
-    x = torch.rand(batch, 1, h, w)
-    labels = torch.randint(0, CLASSES, (batch, h, w))
-    one_hot = F.one_hot(labels, CLASSES).permute(0, 3, 1, 2).float().contiguous()
+    net = torch_unet.UNet(base, depth)
+    torch_unet.initialise(net)
+    opt = torch_unet.adamw(net)
+    x, _, one_hot = torch_unet.batch(batch, h, w)
     times = []
     cpu0 = 0.0
     for i in range(steps + 1):
@@ -137,7 +64,7 @@ def torch_worker(base, depth, batch, h, w, steps):
             cpu0 = time.process_time()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), one_hot)
+        loss = torch_unet.loss_fn(net(x), one_hot)
         loss.backward()
         opt.step()
         if i > 0:
