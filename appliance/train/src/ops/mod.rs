@@ -34,6 +34,7 @@
 
 mod block;
 mod conv;
+mod conv_transpose;
 mod direct;
 mod gemm;
 mod loss;
@@ -45,7 +46,8 @@ mod shape;
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
 
 pub use block::conv_group_norm_relu;
-pub use conv::{conv2d, conv_transpose_2x2};
+pub use conv::conv2d;
+pub use conv_transpose::conv_transpose_2x2;
 pub use loss::dice_cross_entropy;
 pub use norm::group_norm_relu;
 pub use shape::{cat_channels, max_pool_2x2};
