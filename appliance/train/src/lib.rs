@@ -27,6 +27,8 @@ pub mod unet;
 
 #[cfg(test)]
 mod gradcheck;
+#[cfg(test)]
+mod test_fixtures;
 
 use cosilo_sdk::preprocess::Normalisation;
 use serde::{Deserialize, Serialize};

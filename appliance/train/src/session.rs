@@ -326,77 +326,28 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trainer::tests::MemorySink;
-    use crate::{Augment, UNetConfig};
-    use cosilo_rng::Rng;
-    use cosilo_sdk::volume::{Geometry, Volume};
-
-    fn toy_volume(seed: u64) -> LabelledVolume {
-        let mut rng = Rng::new(seed);
-        let g = Geometry::axis_aligned([16, 16, 4], [1.0; 3], [0.0; 3]);
-        let (cx, cy) = (rng.range(6.0, 10.0), rng.range(6.0, 10.0));
-        let mut image = Volume::filled(g.clone(), 0f32);
-        let mut label = Volume::filled(g, 0u8);
-        for k in 0..4 {
-            for j in 0..16 {
-                for i in 0..16 {
-                    let r = ((i as f64 - cx).powi(2) + (j as f64 - cy).powi(2)).sqrt();
-                    let idx = i + 16 * (j + 16 * k);
-                    let (c, v) = if r < 4.0 { (1, 1.0) } else { (0, 0.05) };
-                    label.data[idx] = c;
-                    image.data[idx] = v + 0.05 * rng.normal() as f32;
-                }
-            }
-        }
-        LabelledVolume {
-            id: format!("toy{seed}"),
-            image,
-            label,
-        }
-    }
-
-    fn toy_config() -> TrainConfig {
-        TrainConfig {
-            model: UNetConfig {
-                in_channels: 1,
-                classes: 2,
-                base: 4,
-                depth: 2,
-                groups: 2,
-            },
-            label_map: vec![0, 1],
-            class_names: vec!["bg".into(), "disc".into()],
-            epochs: 3,
-            steps_per_epoch: 4,
-            batch_size: 2,
-            patch: [16, 16],
-            augment: Augment::default(),
-            checkpoint_every: 0,
-            oversample_rare: 0.0,
-            optimiser: crate::AdamWConfig {
-                lr: 1e-2,
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-    }
+    use crate::test_fixtures::{toy_config, toy_volume, MemorySink};
 
     #[test]
     fn session_steps_match_the_local_trainer() {
-        // 12 session steps in pieces of 5, 3, 4 land on the weights of a 3 × 4-step local run.
+        // The whole schedule (4 epochs of 6 steps) as session calls of 10, 6 and 8 steps, each
+        // crossing an epoch boundary, lands on the weights of the local run.
         let cfg = toy_config();
+        let total = cfg.epochs * cfg.steps_per_epoch;
+        let pieces = [10, 6, 8];
+        assert_eq!(pieces.iter().sum::<usize>(), total);
         let data: Vec<_> = (0..2).map(toy_volume).collect();
         let never = AtomicBool::new(false);
         let mut s = Session::new(&cfg, &data, &Device::Cpu).unwrap();
-        assert_eq!(s.schedule_steps(), 12);
+        assert_eq!(s.schedule_steps(), total);
         let mut seen = 0;
-        for n in [5, 3, 4] {
+        for n in pieces {
             let r = s.steps(n, &mut |_| seen += 1, &never).unwrap();
             assert_eq!(r.steps, n);
             assert!(r.mean_loss.is_finite());
         }
-        assert_eq!(seen, 12);
-        assert_eq!(s.global_step(), 12);
+        assert_eq!(seen, total);
+        assert_eq!(s.global_step(), total as u64);
         let local = crate::train(
             &cfg,
             "x",
@@ -419,11 +370,12 @@ mod tests {
             .fold(0f32, f32::max);
         assert!(diff < 1e-5, "session and trainer differ by {diff}");
 
-        // A longer schedule (room for personalisation steps) keeps the learning rate higher, so
-        // the same 12 steps land elsewhere; they match a local run whose schedule is as long.
+        // A longer schedule (room for personalisation steps: one epoch more) keeps the learning
+        // rate higher, so the same steps land elsewhere; they match a run of one epoch more.
+        let longer_schedule = total + cfg.steps_per_epoch;
         let mut longer = Session::new(&cfg, &data, &Device::Cpu).unwrap();
-        longer.set_schedule_steps(16);
-        longer.steps(12, &mut |_| {}, &never).unwrap();
+        longer.set_schedule_steps(longer_schedule);
+        longer.steps(total, &mut |_| {}, &never).unwrap();
         let c = longer.weights().unwrap();
         let moved = a
             .data
@@ -435,11 +387,11 @@ mod tests {
             moved > 1e-4,
             "the schedule length changed nothing ({moved})"
         );
-        let mut cfg16 = cfg.clone();
-        cfg16.epochs = 4;
-        let mut by_epochs = Session::new(&cfg16, &data, &Device::Cpu).unwrap();
-        assert_eq!(by_epochs.schedule_steps(), 16);
-        by_epochs.steps(12, &mut |_| {}, &never).unwrap();
+        let mut one_more = cfg.clone();
+        one_more.epochs += 1;
+        let mut by_epochs = Session::new(&one_more, &data, &Device::Cpu).unwrap();
+        assert_eq!(by_epochs.schedule_steps(), longer_schedule);
+        by_epochs.steps(total, &mut |_| {}, &never).unwrap();
         assert_eq!(by_epochs.weights().unwrap().data, c.data);
     }
 
@@ -478,7 +430,7 @@ mod tests {
         assert_eq!(b.weights().unwrap().data, w.data);
         let scores = b.evaluate(&data[..1]).unwrap();
         assert_eq!(scores.len(), 1);
-        assert_eq!(scores[0].dice.len(), 2);
+        assert_eq!(scores[0].dice.len(), cfg.model.classes);
 
         // A raised stop flag ends the call before any step.
         let stop = AtomicBool::new(true);
