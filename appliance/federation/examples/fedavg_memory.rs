@@ -1,6 +1,7 @@
 //! Peak memory of FedAvg's weight path: one site's strategy fed its own trained model and `peers`
-//! peers' models per round, in a given arrival order, as the daemon feeds it (decoded `Vec<f32>`
-//! per update). Prints the process's VmHWM (peak resident set, /proc/self/status).
+//! peers' models per round, in a given arrival order. Peers' models are handed over encoded as
+//! `f32` (the daemon hands them over as they arrived, usually `f16+zstd`; `f32` keeps this
+//! measurement comparable with the decoded copies of earlier versions). Prints the process's VmHWM (peak resident set, /proc/self/status).
 //!
 //! `cargo run -p cosilo-federation --release --example fedavg_memory -- PEERS PARAMS ROUNDS ORDER`
 //! with ORDER one of `in-order`, `reverse`, `shuffled`. One configuration per process, since
@@ -8,8 +9,9 @@
 
 use anyhow::{bail, Context as _, Result};
 use cosilo_federation::strategy::{
-    build, Action, Context, Input, PeerModel, Purpose, StrategyKind,
+    build, Action, Context, Input, OwnModel, PeerModel, Purpose, StrategyKind,
 };
+use cosilo_federation::weights::{EncodedWeights, WeightFormat};
 
 fn vm_hwm_kib() -> Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
@@ -52,7 +54,12 @@ fn main() -> Result<()> {
         samples: 10,
     };
     let mut s = build(StrategyKind::FedAvg, ctx, None)?;
-    s.handle(Input::Start { weights: vec![] }, 0);
+    s.handle(
+        Input::Start {
+            weights: OwnModel::unsent(vec![]),
+        },
+        0,
+    );
     let mut arrival: Vec<usize> = (1..=peers).collect();
     match order.as_str() {
         "in-order" => {}
@@ -73,7 +80,7 @@ fn main() -> Result<()> {
         let own = model(params, 0, r);
         s.handle(
             Input::Trained {
-                weights: own,
+                weights: OwnModel::unsent(own),
                 score: None,
                 loss: 0.0,
             },
@@ -86,7 +93,7 @@ fn main() -> Result<()> {
                 model_version: r + 1,
                 round: r,
                 samples: 10 + p as u64,
-                weights: model(params, p, r),
+                weights: EncodedWeights::encode(&model(params, p, r), WeightFormat::F32)?,
             });
             let actions = s.handle(input, 2);
             averaged += actions

@@ -239,6 +239,103 @@ impl FlatWeights {
     }
 }
 
+/// A model's values as they travel: encoded in a [`WeightFormat`], checked when made from
+/// received bytes, and decoded block by block only where they are used (an average streams them
+/// with [`crate::aggregate::WeightedAverage::add_encoded`]), so a strategy that holds a peer's
+/// model holds its wire size (`f16+zstd`: about half of the `f32` model or less), not its `f32`
+/// values. Cloning shares the bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedWeights {
+    format: WeightFormat,
+    /// Number of values encoded.
+    len: usize,
+    bytes: std::sync::Arc<Vec<u8>>,
+}
+
+impl EncodedWeights {
+    /// Takes received `bytes` that should hold `len` values in `format`, after checking them
+    /// completely (length, finite values, the zstd cap) in one streaming pass that allocates no
+    /// model-sized buffer: the same checks as [`FlatWeights::decode`].
+    pub fn check(bytes: Vec<u8>, format: WeightFormat, len: usize) -> Result<Self, WeightsError> {
+        for_each_block(&bytes, format, len, |_, _| Ok(()))?;
+        Ok(EncodedWeights {
+            format,
+            len,
+            bytes: std::sync::Arc::new(bytes),
+        })
+    }
+
+    /// Encodes `values` in `format` and checks that every value survives it as a finite number
+    /// (values beyond `f16`'s range do not).
+    pub fn encode(values: &[f32], format: WeightFormat) -> Result<Self, WeightsError> {
+        Self::check(encode_values(values, format), format, values.len())
+    }
+
+    /// Encodes `values` in `format` and, in the same pass, replaces each value by what a receiver
+    /// decodes (`f16` rounding; `f32` is unchanged), so a sender can use the very numbers its
+    /// peers use without decoding its own payload again. Refuses a value that does not survive
+    /// `format` as a finite number, leaving `values` partly rounded.
+    pub fn encode_as_sent(values: &mut [f32], format: WeightFormat) -> Result<Self, WeightsError> {
+        let len = values.len();
+        let bytes = match format {
+            WeightFormat::F32 => encode_values(values, format),
+            WeightFormat::F16 | WeightFormat::F16Zstd => {
+                let mut out = Vec::with_capacity(len * 2);
+                let mut buf = vec![f16::ZERO; BLOCK.min(len)];
+                for (i, chunk) in values.chunks_mut(BLOCK).enumerate() {
+                    let b = &mut buf[..chunk.len()];
+                    b.convert_from_f32_slice(chunk);
+                    for h in b.iter() {
+                        out.extend_from_slice(&h.to_bits().to_le_bytes());
+                    }
+                    b.convert_to_f32_slice(chunk);
+                    check_finite(i * BLOCK, chunk)?;
+                }
+                if format == WeightFormat::F16Zstd {
+                    compress(&out)
+                } else {
+                    out
+                }
+            }
+        };
+        Ok(EncodedWeights {
+            format,
+            len,
+            bytes: std::sync::Arc::new(bytes),
+        })
+    }
+
+    /// The format the bytes are in.
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a model of no values.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The encoded bytes (what goes on the wire).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The values (checked again while decoding).
+    pub fn decode(&self) -> Result<Vec<f32>, WeightsError> {
+        let mut data = Vec::with_capacity(self.len);
+        for_each_block(&self.bytes, self.format, self.len, |_, block| {
+            data.extend_from_slice(block);
+            Ok(())
+        })?;
+        Ok(data)
+    }
+}
+
 /// Encodes raw values in `format` (see [`FlatWeights::encode`]).
 pub fn encode_values(values: &[f32], format: WeightFormat) -> Vec<u8> {
     match format {
@@ -250,14 +347,15 @@ pub fn encode_values(values: &[f32], format: WeightFormat) -> Vec<u8> {
             out
         }
         WeightFormat::F16 => f16_bytes(values),
-        WeightFormat::F16Zstd => {
-            let raw = f16_bytes(values);
-            // Compressing an in-memory buffer into a Vec cannot fail except on allocation.
-            zstd::bulk::compress(&raw, ZSTD_LEVEL).unwrap_or_else(|e| {
-                panic!("zstd failed compressing {} bytes in memory: {e}", raw.len())
-            })
-        }
+        WeightFormat::F16Zstd => compress(&f16_bytes(values)),
     }
+}
+
+/// `raw` compressed as one zstd frame at [`ZSTD_LEVEL`].
+fn compress(raw: &[u8]) -> Vec<u8> {
+    // Compressing an in-memory buffer into a Vec cannot fail except on allocation.
+    zstd::bulk::compress(raw, ZSTD_LEVEL)
+        .unwrap_or_else(|e| panic!("zstd failed compressing {} bytes in memory: {e}", raw.len()))
 }
 
 fn f16_bytes(values: &[f32]) -> Vec<u8> {
@@ -495,6 +593,61 @@ mod tests {
             }
         }
         assert_eq!(w.encode(WeightFormat::F16).len(), w.layout.numel() * 2);
+    }
+
+    #[test]
+    fn encoding_as_sent_gives_the_values_a_receiver_decodes() {
+        // Values across many binades (f16 subnormals included), an odd length that ends inside
+        // a block, and more than one block.
+        let mut values = random(2 * BLOCK + 1001, 7, 0.5);
+        for (i, v) in values.iter_mut().enumerate() {
+            *v *= 10f32.powi((i % 9) as i32 - 6);
+        }
+        for fmt in WeightFormat::ALL {
+            let mut as_sent = values.clone();
+            let enc = EncodedWeights::encode_as_sent(&mut as_sent, fmt).unwrap();
+            assert_eq!(enc.bytes(), encode_values(&values, fmt).as_slice(), "{fmt}");
+            assert_eq!((enc.len(), enc.format()), (values.len(), fmt));
+            let layout = layout(&[("v", &[values.len()])]);
+            let received = FlatWeights::decode(enc.bytes(), fmt, &layout).unwrap().data;
+            // Bit for bit, so that sender and receivers average the very same numbers.
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&as_sent), bits(&received), "{fmt}");
+            assert_eq!(bits(&enc.decode().unwrap()), bits(&received), "{fmt}");
+            if fmt != WeightFormat::F32 {
+                assert_ne!(bits(&as_sent), bits(&values), "{fmt} rounded nothing");
+            }
+        }
+        // A value beyond f16's range is refused, not sent as infinity.
+        let mut big = vec![1.0f32, 70_000.0];
+        assert!(matches!(
+            EncodedWeights::encode_as_sent(&mut big, WeightFormat::F16Zstd),
+            Err(WeightsError::NonFinite { index: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn checking_received_bytes_refuses_what_decoding_refuses() {
+        let w = flat(9);
+        let n = w.layout.numel();
+        for fmt in WeightFormat::ALL {
+            let bytes = w.encode(fmt);
+            let enc = EncodedWeights::check(bytes.clone(), fmt, n).unwrap();
+            assert_eq!(
+                enc.decode().unwrap(),
+                FlatWeights::decode(&bytes, fmt, &w.layout).unwrap().data
+            );
+            assert!(matches!(
+                EncodedWeights::check(bytes, fmt, n + 1),
+                Err(WeightsError::WrongLength { .. })
+            ));
+        }
+        let mut bad = w.data.clone();
+        bad[5] = f32::NAN;
+        assert!(matches!(
+            EncodedWeights::check(encode_values(&bad, WeightFormat::F32), WeightFormat::F32, n),
+            Err(WeightsError::NonFinite { index: 5, .. })
+        ));
     }
 
     #[test]

@@ -34,7 +34,8 @@ pub fn flatten(vars: &VarMap) -> Result<FlatWeights, FlatError> {
     let mut names: Vec<&String> = map.keys().collect();
     names.sort();
     let mut tensors = Vec::with_capacity(names.len());
-    let mut data = Vec::new();
+    // Sized once: growing by doubling would hold up to twice the model while it copies.
+    let mut data = Vec::with_capacity(names.iter().map(|n| map[*n].elem_count()).sum());
     for name in names {
         let var = &map[name];
         let candle = |source| FlatError::Candle {
@@ -56,10 +57,40 @@ pub fn flatten(vars: &VarMap) -> Result<FlatWeights, FlatError> {
     })
 }
 
+/// Borrowed layout and values, so [`apply`] and [`apply_values`] share one body.
+struct FlatWeightsRef<'a> {
+    layout: &'a Layout,
+    data: &'a [f32],
+}
+
+/// The names and shapes of `vars`' variables, sorted by name (no values copied).
+pub fn layout(vars: &VarMap) -> Result<Layout, FlatError> {
+    let map = vars.data().lock().map_err(|_| FlatError::Poisoned)?;
+    let mut tensors: Vec<(String, Vec<usize>)> = map
+        .iter()
+        .map(|(name, var)| (name.clone(), var.dims().to_vec()))
+        .collect();
+    tensors.sort();
+    Ok(Layout { tensors })
+}
+
 /// Sets every variable of `vars` in place from `weights`. Fails, changing nothing, unless `vars`
 /// has exactly the weights' layout (same names, same shapes).
 pub fn apply(weights: &FlatWeights, vars: &VarMap) -> Result<(), FlatError> {
-    weights.check_len()?;
+    apply_values(&weights.layout, &weights.data, vars)
+}
+
+/// [`apply`] for values laid out as `layout` says, without a [`FlatWeights`] to own them.
+pub fn apply_values(layout: &Layout, data: &[f32], vars: &VarMap) -> Result<(), FlatError> {
+    let expected = layout.numel();
+    if data.len() != expected {
+        return Err(WeightsError::DataLength {
+            expected,
+            actual: data.len(),
+        }
+        .into());
+    }
+    let weights = FlatWeightsRef { layout, data };
     let map = vars.data().lock().map_err(|_| FlatError::Poisoned)?;
     if map.len() != weights.layout.tensors.len() {
         return Err(WeightsError::LayoutMismatch(format!(

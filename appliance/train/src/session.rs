@@ -260,6 +260,14 @@ impl Session {
         crate::flat::apply(w, &self.vars).map_err(|e| Box::new(e).into())
     }
 
+    /// Installs `values` laid out as this session's model ([`Session::weights`]' order) without
+    /// copying the model out first to learn its layout.
+    pub fn set_values(&mut self, values: &[f32]) -> Result<(), TrainError> {
+        crate::flat::layout(&self.vars)
+            .and_then(|layout| crate::flat::apply_values(&layout, values, &self.vars))
+            .map_err(|e| Box::new(e).into())
+    }
+
     /// Scores the current model on volumes (3-D Dice per class per case).
     pub fn evaluate(&self, volumes: &[LabelledVolume]) -> Result<Vec<CaseScore>, TrainError> {
         volumes
@@ -428,6 +436,15 @@ mod tests {
         }
         b.set_weights(&w).unwrap();
         assert_eq!(b.weights().unwrap().data, w.data);
+        // set_values does the same from bare values in the session's layout order, and refuses
+        // a vector of another length, changing nothing.
+        let mut v = w.data.clone();
+        v[0] += 1.0;
+        b.set_values(&v).unwrap();
+        assert_eq!(b.weights().unwrap().data, v);
+        assert!(b.set_values(&v[1..]).is_err());
+        assert_eq!(b.weights().unwrap().data, v);
+        b.set_weights(&w).unwrap();
         let scores = b.evaluate(&data[..1]).unwrap();
         assert_eq!(scores.len(), 1);
         assert_eq!(scores[0].dice.len(), cfg.model.classes);

@@ -11,7 +11,7 @@ use super::outbound::now_ms;
 use super::{DaemonError, Site};
 use cosilo_federation::keys::Roster;
 use cosilo_federation::strategy::{Input, PeerModel, PeerStatus, Purpose};
-use cosilo_federation::weights::FlatWeights;
+use cosilo_federation::weights::EncodedWeights;
 use cosilo_federation::wire::{
     self, Admission, Body, Control, Envelope, Reassembler, ReplayGuard, SiteStatus, UpdateChunk,
     UpdatePurpose,
@@ -152,7 +152,8 @@ impl Site {
         }
     }
 
-    /// A chunk of a peer's model: reassembled, decoded once complete, handed to the strategy.
+    /// A chunk of a peer's model: reassembled, checked once complete (length, finite values) and
+    /// handed to the strategy still encoded: no decoded copy is made here.
     async fn update_chunk(&mut self, sender: &str, chunk: UpdateChunk) -> Result<(), DaemonError> {
         let inb = &mut self.inb;
         if chunk.update.origin != sender {
@@ -175,7 +176,8 @@ impl Site {
             }
         };
         let h = complete.header;
-        let weights = match FlatWeights::decode(&complete.payload, h.format, &self.out.layout) {
+        let numel = self.out.layout.numel();
+        let weights = match EncodedWeights::check(complete.payload, h.format, numel) {
             Ok(w) => w,
             Err(e) => {
                 inb.refused += 1;
@@ -193,7 +195,7 @@ impl Site {
             model_version: h.model_version,
             round: h.round,
             samples: h.samples,
-            weights: weights.data,
+            weights,
         });
         self.handle(input).await
     }

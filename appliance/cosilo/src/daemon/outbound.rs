@@ -3,14 +3,15 @@
 //! for gossip, remembered to answer a pull.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use tracing::debug;
 
 use super::{DaemonError, Site};
 use cosilo_federation::keys::SiteKeys;
 use cosilo_federation::link::Link;
-use cosilo_federation::strategy::Purpose;
-use cosilo_federation::weights::{FlatWeights, Layout, WeightFormat};
+use cosilo_federation::strategy::{OwnModel, Purpose};
+use cosilo_federation::weights::{EncodedWeights, Layout, WeightFormat};
 use cosilo_federation::wire::{
     self, topics, Body, Envelope, Presence, SiteStatus, UpdateMeta, UpdatePurpose,
 };
@@ -35,7 +36,8 @@ pub(super) struct Announced {
     pub purpose: Purpose,
     pub round: u64,
     pub model_version: u64,
-    pub payload: Vec<u8>,
+    /// The model's encoding, shared with the strategy's copy of the model (not a copy).
+    pub payload: EncodedWeights,
 }
 
 /// This site's sending side.
@@ -92,23 +94,20 @@ impl Outbound {
         Ok(())
     }
 
-    /// The wire encoding of a model of this site's layout.
-    pub(super) fn encode(&self, data: Vec<f32>) -> Vec<u8> {
-        FlatWeights {
-            layout: self.layout.clone(),
-            data,
+    /// This site's model as peers receive it: encoded once in the wire format, and its values
+    /// rounded in place to what a receiver decodes, so that every site averages the very same
+    /// numbers. The strategy holds both and hands the encoding back to be published (no second
+    /// encode, no decoded copy). A site without a broker sends nothing: its values stay as
+    /// trained.
+    pub(super) fn as_sent(&self, mut data: Vec<f32>) -> Result<OwnModel, DaemonError> {
+        if self.link.is_none() {
+            return Ok(OwnModel::unsent(data));
         }
-        .encode(self.format)
-    }
-
-    /// A model as peers receive it: encoded and decoded in the wire format. Strategies get this
-    /// site's own model in that form, so that every site averages the very same numbers.
-    pub(super) fn as_sent(&self, data: Vec<f32>) -> Result<Vec<f32>, DaemonError> {
-        if self.link.is_none() || self.format == WeightFormat::F32 {
-            return Ok(data);
-        }
-        let bytes = self.encode(data);
-        Ok(FlatWeights::decode(&bytes, self.format, &self.layout)?.data)
+        let encoded = EncodedWeights::encode_as_sent(&mut data, self.format)?;
+        Ok(OwnModel {
+            values: Arc::new(data),
+            encoded: Some(encoded),
+        })
     }
 
     /// Publishes an encoded model in chunks (and, with `retain`, its retained announcement).
@@ -132,9 +131,10 @@ impl Outbound {
             format: self.format,
             layout_digest: self.layout.digest(),
         };
-        let chunks = wire::split_update(&meta, &model.payload, self.chunk_bytes);
+        let payload = model.payload.bytes();
+        let chunks = wire::split_update(&meta, payload, self.chunk_bytes);
         let n = chunks.len();
-        let header = meta.header(&model.payload, self.chunk_bytes);
+        let header = meta.header(payload, self.chunk_bytes);
         let topic = topics::updates(&self.federation, &self.me);
         for chunk in chunks {
             self.send(&topic, Body::UpdateChunk(chunk), false).await?;
@@ -154,7 +154,7 @@ impl Outbound {
             round = model.round,
             model_version = model.model_version,
             chunks = n,
-            bytes = model.payload.len(),
+            bytes = model.payload.bytes().len(),
             "published a model"
         );
         if model.purpose == Purpose::Gossip {

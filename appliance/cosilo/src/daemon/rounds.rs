@@ -121,13 +121,17 @@ impl Site {
                     weights,
                     retain,
                 } => {
-                    let model = Announced {
-                        purpose,
-                        round,
-                        model_version,
-                        payload: self.out.encode(weights),
-                    };
-                    self.out.publish_model(model, retain).await?;
+                    // Encoded once, when the model came from the trainer; a site without a
+                    // broker has no encoding and publishes nothing.
+                    if let Some(payload) = weights.encoded {
+                        let model = Announced {
+                            purpose,
+                            round,
+                            model_version,
+                            payload,
+                        };
+                        self.out.publish_model(model, retain).await?;
+                    }
                 }
                 Action::PassToken {
                     next,

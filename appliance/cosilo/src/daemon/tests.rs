@@ -1,5 +1,5 @@
 use super::*;
-use cosilo_federation::strategy::{Context, Input, StrategyKind};
+use cosilo_federation::strategy::{Context, Input, OwnModel, StrategyKind};
 use cosilo_federation::weights::WeightFormat;
 use cosilo_federation::wire::{Body, Envelope, UpdateMeta, UpdatePurpose};
 use cosilo_train::TrainConfig;
@@ -73,7 +73,7 @@ fn queued(rx: &std::sync::mpsc::Receiver<Cmd>) -> Vec<String> {
 
 fn trained() -> Input {
     Input::Trained {
-        weights: vec![0.5; 5],
+        weights: OwnModel::unsent(vec![0.5; 5]),
         score: None,
         loss: 0.25,
     }
@@ -84,7 +84,12 @@ async fn a_round_is_checkpointed_before_the_next_round_trains() {
     // Regression: the Save of round k's checkpoint was queued behind round
     // k+1's Train, so the checkpoint held the next round's weights with round k's state.
     let (mut site, rx) = offline_site(1, StrategyKind::Local);
-    let a = site.strategy.handle(Input::Start { weights: vec![] }, 0);
+    let a = site.strategy.handle(
+        Input::Start {
+            weights: OwnModel::unsent(vec![]),
+        },
+        0,
+    );
     site.apply(a).await.unwrap();
     assert_eq!(queued(&rx), ["train 7"]);
     let a = site.strategy.handle(trained(), 1);
@@ -99,7 +104,12 @@ async fn a_round_is_checkpointed_before_the_next_round_trains() {
 #[tokio::test]
 async fn rounds_without_evaluation_are_checkpointed_before_training_on() {
     let (mut site, rx) = offline_site(2, StrategyKind::Local);
-    let a = site.strategy.handle(Input::Start { weights: vec![] }, 0);
+    let a = site.strategy.handle(
+        Input::Start {
+            weights: OwnModel::unsent(vec![]),
+        },
+        0,
+    );
     site.apply(a).await.unwrap();
     queued(&rx);
     // Round 0 is not scored (every 2nd round is): logged and saved at once.

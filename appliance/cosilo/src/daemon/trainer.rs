@@ -25,7 +25,8 @@ pub(super) enum Cmd {
         steps: usize,
         evaluate: bool,
     },
-    SetWeights(Vec<f32>),
+    /// Installs these values (the session's own layout).
+    SetWeights(Arc<Vec<f32>>),
     Evaluate,
     Save(serde_json::Value),
     /// Saves the session as the personalised run.
@@ -190,11 +191,8 @@ impl Trainer {
         }
     }
 
-    fn set_weights(&mut self, data: Vec<f32>) -> Result<(), DaemonError> {
-        let layout = self.session.weights().map_err(DaemonError::Train)?.layout;
-        self.session
-            .set_weights(&FlatWeights { layout, data })
-            .map_err(DaemonError::Train)
+    fn set_weights(&mut self, data: Arc<Vec<f32>>) -> Result<(), DaemonError> {
+        self.session.set_values(&data).map_err(DaemonError::Train)
     }
 
     /// Checkpoints the session (as the personalised run with `personalised`) and flushes.

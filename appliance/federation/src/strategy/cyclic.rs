@@ -96,7 +96,7 @@ impl Strategy for Cyclic {
                     ))];
                 }
                 self.s.last_position = Some(m.round);
-                let mut out = vec![Action::SetModel(m.weights)];
+                let mut out = vec![set_peer_model(&m)];
                 if m.round + 1 >= self.total() {
                     self.s.done = true;
                     out.push(Action::Finished);

@@ -9,8 +9,9 @@ pub struct FedAvg {
     /// round → the updates received for it (own included), summed as they arrive; rounds ≥ the
     /// current one only.
     pub(super) received: BTreeMap<u64, RoundSum>,
-    /// This site's update of the current round (re-sent to a joining peer).
-    pub(super) own: Option<(u64, Vec<f32>)>,
+    /// This site's update of the current round (re-sent to a joining peer; shares its values
+    /// and encoding with the running sum and the publication).
+    pub(super) own: Option<(u64, OwnModel)>,
     /// Sites that said they are leaving.
     pub(super) left: BTreeSet<String>,
 }
@@ -27,14 +28,15 @@ pub(super) struct FedAvgState {
 /// site that receives the same updates adds the same numbers in the same order and ends on
 /// bit-identical weights. An update is added when every update before it in that order is in;
 /// one that arrives ahead of a missing one waits. Extra memory: the sum plus the updates that
-/// wait (none when updates arrive in order), not one model per peer.
+/// wait (none when updates arrive in order; a peer's waits encoded, at its wire size), not one
+/// model per peer.
 #[derive(Default)]
 pub(super) struct RoundSum {
     sum: Option<WeightedAverage>,
     /// Sites whose update is in `sum`, in order.
     added: Vec<String>,
     /// Updates that arrived ahead of a site before them in the order.
-    waiting: BTreeMap<String, (u64, Vec<f32>)>,
+    waiting: BTreeMap<String, (u64, Part)>,
     /// Position in the order of the next site to add.
     next: usize,
 }
@@ -47,7 +49,7 @@ impl RoundSum {
 
     /// Takes `site`'s update; `order`: all sites by id. A copy of an update already added is
     /// dropped; one still waiting replaces the earlier copy.
-    pub(super) fn offer(&mut self, order: &[String], site: String, samples: u64, w: Vec<f32>) {
+    pub(super) fn offer(&mut self, order: &[String], site: String, samples: u64, w: Part) {
         if self.added.contains(&site) {
             return;
         }
@@ -56,21 +58,16 @@ impl RoundSum {
             let Some((samples, w)) = self.waiting.remove(next) else {
                 break;
             };
-            self.add(next.clone(), samples, &w);
+            self.add(next.clone(), samples, w);
             self.next += 1;
         }
     }
 
-    fn add(&mut self, site: String, samples: u64, w: &[f32]) {
+    fn add(&mut self, site: String, samples: u64, w: Part) {
         let sum = self
             .sum
             .get_or_insert_with(|| WeightedAverage::new(w.len()));
-        if sum.add(w, samples.max(1) as f64).is_err() {
-            tracing::warn!(
-                len = w.len(),
-                "left a model of another size out of an average"
-            );
-        }
+        w.add_to(sum, samples);
         self.added.push(site);
     }
 
@@ -78,7 +75,7 @@ impl RoundSum {
     /// never sent) are added in order first.
     pub(super) fn finish(mut self) -> (Vec<String>, Option<Vec<f32>>) {
         for (site, (samples, w)) in std::mem::take(&mut self.waiting) {
-            self.add(site, samples, &w);
+            self.add(site, samples, w);
         }
         self.added.sort();
         (self.added, self.sum.and_then(|s| s.finish().ok()))
@@ -94,7 +91,7 @@ impl FedAvg {
     }
 
     /// Takes `site`'s update for `round`.
-    fn receive(&mut self, round: u64, site: String, samples: u64, w: Vec<f32>) {
+    fn receive(&mut self, round: u64, site: String, samples: u64, w: Part) {
         let order = self.order();
         self.received
             .entry(round)
@@ -133,7 +130,7 @@ impl FedAvg {
         }
         let (contributors, avg) = self.received.remove(&r).unwrap_or_default().finish();
         if let Some(avg) = avg {
-            out.push(Action::SetModel(avg));
+            out.push(Action::SetModel(Arc::new(avg)));
         }
         out.push(Action::EndOfRound {
             round: r,
@@ -171,7 +168,7 @@ impl Strategy for FedAvg {
                     // round) and keep collecting.
                     let r = self.s.round;
                     let me = self.ctx.me.clone();
-                    self.receive(r, me, self.ctx.samples, weights.clone());
+                    self.receive(r, me, self.ctx.samples, Part::Own(weights.values.clone()));
                     self.own = Some((r, weights.clone()));
                     let mut out = vec![Action::Publish {
                         purpose: Purpose::Round,
@@ -191,7 +188,7 @@ impl Strategy for FedAvg {
             Input::Trained { weights, .. } => {
                 let r = self.s.round;
                 let me = self.ctx.me.clone();
-                self.receive(r, me, self.ctx.samples, weights.clone());
+                self.receive(r, me, self.ctx.samples, Part::Own(weights.values.clone()));
                 self.own = Some((r, weights.clone()));
                 self.s.collecting_since_ms = Some(now_ms);
                 let mut out = vec![Action::Publish {
@@ -223,7 +220,7 @@ impl Strategy for FedAvg {
                         m.origin, m.round, self.s.round
                     ))];
                 }
-                self.receive(m.round, m.origin, m.samples, m.weights);
+                self.receive(m.round, m.origin, m.samples, Part::Peer(m.weights));
                 self.check(now_ms)
             }
             Input::Presence { site, status, .. } => {

@@ -7,12 +7,15 @@ pub struct BrainTorrent {
     pub(super) ctx: Context,
     pub(super) s: BrainTorrentState,
     /// The current model (after training and merges).
-    pub(super) own: Vec<f32>,
+    pub(super) own: Arc<Vec<f32>>,
     /// This site's model as its last training left it (before merges): its part of the final
-    /// average.
-    pub(super) trained: Vec<f32>,
-    /// Each peer's newest model received: (version, samples, weights).
-    pub(super) latest: BTreeMap<String, (u64, u64, Vec<f32>)>,
+    /// average. Shares its values with `own` until a merge replaces that.
+    pub(super) trained: Arc<Vec<f32>>,
+    /// Each peer's newest model received, as it arrived (encoded): (version, samples, weights).
+    /// The final average needs every peer's newest model and a newer version replaces an older
+    /// one, so these cannot be folded into a sum as they arrive; held encoded, each costs its
+    /// wire size (`f16+zstd`: about half of the `f32` model), not an `f32` copy.
+    pub(super) latest: BTreeMap<String, (u64, u64, EncodedWeights)>,
     /// Each peer's presence: (status, version, round).
     pub(super) peers: BTreeMap<String, (PeerStatus, u64, u64)>,
     /// The version last asked for from each peer.
@@ -42,10 +45,12 @@ impl BrainTorrent {
         if newer.is_empty() || self.own.is_empty() {
             return Vec::new();
         }
-        let own = (self.ctx.samples, self.own.as_slice());
-        let peers = newer
-            .iter()
-            .filter_map(|s| self.latest.get(s).map(|(_, n, w)| (*n, w.as_slice())));
+        let own = (self.ctx.samples, Part::Own(self.own.clone()));
+        let peers = newer.iter().filter_map(|s| {
+            self.latest
+                .get(s)
+                .map(|(_, n, w)| (*n, Part::Peer(w.clone())))
+        });
         let Some(avg) = average(std::iter::once(own).chain(peers)) else {
             return Vec::new();
         };
@@ -56,6 +61,7 @@ impl BrainTorrent {
                 self.s.seen.insert(s.clone(), *v);
             }
         }
+        let avg = Arc::new(avg);
         self.own = avg.clone();
         vec![
             Action::Note(format!(
@@ -102,9 +108,9 @@ impl BrainTorrent {
         let mut note = Vec::new();
         for site in &self.ctx.sites {
             if *site == self.ctx.me {
-                models.push((self.ctx.samples, own.as_slice()));
+                models.push((self.ctx.samples, Part::Own(own.clone())));
             } else if let Some((v, n, w)) = self.latest.get(site) {
-                models.push((*n, w.as_slice()));
+                models.push((*n, Part::Peer(w.clone())));
                 note.push(format!("{site} v{v}"));
             }
         }
@@ -118,6 +124,7 @@ impl BrainTorrent {
         for (site, (v, _, _)) in &self.latest {
             self.s.seen.insert(site.clone(), *v);
         }
+        let avg = Arc::new(avg);
         self.own = avg.clone();
         vec![
             Action::Note(format!(
@@ -178,7 +185,7 @@ impl Strategy for BrainTorrent {
         }
         match input {
             Input::Start { weights } => {
-                self.own = weights;
+                self.own = weights.values;
                 if self.s.version >= self.ctx.rounds {
                     self.s.finishing_since_ms.get_or_insert(now_ms);
                     self.check_finish(now_ms)
@@ -190,8 +197,8 @@ impl Strategy for BrainTorrent {
             }
             Input::Trained { weights, .. } => {
                 self.s.version += 1;
-                self.own = weights.clone();
-                self.trained = weights.clone();
+                self.own = weights.values.clone();
+                self.trained = weights.values.clone();
                 let mut out = vec![Action::Publish {
                     purpose: Purpose::Gossip,
                     round: self.s.version - 1,

@@ -6,7 +6,7 @@ use super::*;
 pub struct Incremental {
     pub(super) ctx: Context,
     pub(super) s: IncrementalState,
-    pub(super) best_weights: Vec<f32>,
+    pub(super) best: Option<OwnModel>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -45,8 +45,8 @@ impl Strategy for Incremental {
         let last = self.ctx.sites.len() - 1;
         match input {
             Input::Start { weights } => {
-                if self.best_weights.is_empty() {
-                    self.best_weights = weights;
+                if self.best.is_none() {
+                    self.best = Some(weights);
                 }
                 if self.s.training || (!self.s.passed && self.my_index() == 0) {
                     self.start_turn()
@@ -68,7 +68,7 @@ impl Strategy for Incremental {
                 if self.s.best_score.is_none_or(|b| value > b) {
                     self.s.best_score = Some(value);
                     self.s.since_best = 0;
-                    self.best_weights = weights;
+                    self.best = Some(weights);
                 } else {
                     self.s.since_best += 1;
                 }
@@ -80,14 +80,17 @@ impl Strategy for Incremental {
                     self.s.training = false;
                     self.s.passed = true;
                     let i = self.my_index();
-                    out.push(Action::SetModel(self.best_weights.clone()));
-                    out.push(Action::Publish {
-                        purpose: Purpose::Token,
-                        round: i as u64,
-                        model_version: i as u64 + 1,
-                        weights: self.best_weights.clone(),
-                        retain: true,
-                    });
+                    // `best` is set: the first Trained of a turn always becomes the best.
+                    if let Some(best) = self.best.clone() {
+                        out.push(Action::SetModel(best.values.clone()));
+                        out.push(Action::Publish {
+                            purpose: Purpose::Token,
+                            round: i as u64,
+                            model_version: i as u64 + 1,
+                            weights: best,
+                            retain: true,
+                        });
+                    }
                     if i == last {
                         self.s.done = true;
                         out.push(Action::Finished);
@@ -117,11 +120,12 @@ impl Strategy for Incremental {
                 let j = m.round as usize;
                 if j == last && self.s.passed {
                     self.s.done = true;
-                    return vec![Action::SetModel(m.weights), Action::Finished];
+                    return vec![set_peer_model(&m), Action::Finished];
                 }
                 if j + 1 == self.my_index() && !self.s.training && !self.s.passed {
-                    self.best_weights = m.weights.clone();
-                    let mut out = vec![Action::SetModel(m.weights)];
+                    // The previous site's model is not this site's best: the turn's first
+                    // trained model always replaces it, so it is only installed.
+                    let mut out = vec![set_peer_model(&m)];
                     out.extend(self.start_turn());
                     return out;
                 }

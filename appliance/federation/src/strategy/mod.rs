@@ -23,16 +23,29 @@
 //! - [`Incremental`] (IIL): each site once, in order, trains until its own held-out Dice has not
 //!   improved for `patience` rounds (at most `rounds`) and passes its best model on.
 //!
+//! Weights move without copies: this site's model comes as an [`OwnModel`] (values as peers
+//! decode them, plus their encoding, made once by the daemon and shared by reference count), and
+//! a peer's model stays in its wire encoding ([`EncodedWeights`], checked on arrival) until an
+//! average streams it. Memory beyond the session's own model, with P peers and M the size of
+//! one `f32` model: FedAvg, one running sum (M) plus updates that arrive ahead of a missing
+//! lower-id site, waiting encoded; BrainTorrent-style gossip, this site's trained and merged
+//! models (≤ 2M) and one accumulator while it averages (M), plus every peer's newest model
+//! encoded (P × the wire size, about M/2 for `f16+zstd`): the final average needs each peer's
+//! newest model and a newer version replaces an older one, so gossip cannot fold them into a sum
+//! as they arrive; CIIL/IIL, the model being passed on.
+//!
 //! Every average goes through [`WeightedAverage`], the one kernel. Each machine's control state
 //! serialises to JSON ([`Strategy::snapshot`]) and is saved with the session checkpoint; models
 //! received from peers are not (after a restart they come back as retained announcements or
 //! from the broker's persistent session).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::WeightedAverage;
+use super::weights::EncodedWeights;
 
 /// The federation strategies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +96,8 @@ pub enum PeerStatus {
     Leaving,
 }
 
-/// A model received from a peer, already verified and decoded.
+/// A model received from a peer, already verified; its values stay encoded as they arrived
+/// (checked: length, finiteness) until an average streams them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerModel {
     pub origin: String,
@@ -91,18 +105,43 @@ pub struct PeerModel {
     pub model_version: u64,
     pub round: u64,
     pub samples: u64,
-    pub weights: Vec<f32>,
+    pub weights: EncodedWeights,
+}
+
+/// This site's own model as its peers receive it: the values after the wire format's rounding
+/// (what every site averages) and their encoding (what is published), both made once by the
+/// daemon and shared, not copied, by whoever holds the model. `encoded` is None for a site that
+/// sends nothing (no broker).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnModel {
+    pub values: Arc<Vec<f32>>,
+    pub encoded: Option<EncodedWeights>,
+}
+
+impl OwnModel {
+    /// A model that is never sent: the values as they are.
+    pub fn unsent(values: Vec<f32>) -> OwnModel {
+        OwnModel {
+            values: Arc::new(values),
+            encoded: None,
+        }
+    }
+
+    /// True for a model of no values (a strategy that has not been given one).
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
 }
 
 /// What happens to a strategy.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// The daemon is ready; `weights` is the session's model (restored or initial).
-    Start { weights: Vec<f32> },
+    Start { weights: OwnModel },
     /// The trainer finished the asked steps. `score`: held-out tissue Dice when there are
     /// held-out cases; `loss`: the steps' mean loss.
     Trained {
-        weights: Vec<f32>,
+        weights: OwnModel,
         score: Option<f64>,
         loss: f64,
     },
@@ -128,13 +167,13 @@ pub enum Action {
     /// Train `steps` more steps, then feed [`Input::Trained`].
     Train { steps: usize },
     /// Install this model in the session.
-    SetModel(Vec<f32>),
-    /// Publish a model (retained when `retain`).
+    SetModel(Arc<Vec<f32>>),
+    /// Publish this site's model (retained when `retain`).
     Publish {
         purpose: Purpose,
         round: u64,
         model_version: u64,
-        weights: Vec<f32>,
+        weights: OwnModel,
         retain: bool,
     },
     /// Send the token to `next` (after the Publish that carries the model).
@@ -251,8 +290,8 @@ pub fn build(
         StrategyKind::BrainTorrent => Box::new(BrainTorrent {
             ctx,
             s: state(saved)?,
-            own: Vec::new(),
-            trained: Vec::new(),
+            own: Arc::default(),
+            trained: Arc::default(),
             latest: BTreeMap::new(),
             peers: BTreeMap::new(),
             pulled: BTreeMap::new(),
@@ -264,7 +303,7 @@ pub fn build(
         StrategyKind::Iil => Box::new(Incremental {
             ctx,
             s: state(saved)?,
-            best_weights: Vec::new(),
+            best: None,
         }),
     })
 }
@@ -273,20 +312,53 @@ pub(super) fn snapshot_of<T: Serialize>(s: &T) -> serde_json::Value {
     serde_json::to_value(s).unwrap_or(serde_json::Value::Null)
 }
 
-/// The sample-weighted average of `models` (weight, values), summed in the given order. A model
-/// of another length than the first is left out (the daemon checks layouts before this).
-pub(super) fn average<'a>(models: impl IntoIterator<Item = (u64, &'a [f32])>) -> Option<Vec<f32>> {
-    let mut acc: Option<WeightedAverage> = None;
-    for (samples, w) in models {
-        let a = acc.get_or_insert_with(|| WeightedAverage::new(w.len()));
-        if a.add(w, samples.max(1) as f64).is_err() {
-            tracing::warn!(
-                len = w.len(),
-                "left a model of another size out of an average"
-            );
+/// One model in an average: this site's values, or a peer's model as it arrived (streamed from
+/// its encoding, never decoded whole). Either adds the same numbers a decoded copy would.
+#[derive(Debug, Clone)]
+pub(super) enum Part {
+    Own(Arc<Vec<f32>>),
+    Peer(EncodedWeights),
+}
+
+impl Part {
+    fn len(&self) -> usize {
+        match self {
+            Part::Own(v) => v.len(),
+            Part::Peer(e) => e.len(),
         }
     }
+
+    /// Adds `samples ·` this model to `acc` (a model of another size is left out, with a
+    /// warning: the daemon checks layouts before this).
+    pub(super) fn add_to(&self, acc: &mut WeightedAverage, samples: u64) {
+        let weight = samples.max(1) as f64;
+        let added = match self {
+            Part::Own(v) => acc.add(v, weight),
+            Part::Peer(e) => acc.add_encoded(e.bytes(), e.format(), weight),
+        };
+        if let Err(e) = added {
+            tracing::warn!(len = self.len(), reason = %e, "left a model out of an average");
+        }
+    }
+}
+
+/// The sample-weighted average of `models` (weight, model), summed in the given order.
+pub(super) fn average(models: impl IntoIterator<Item = (u64, Part)>) -> Option<Vec<f32>> {
+    let mut acc: Option<WeightedAverage> = None;
+    for (samples, m) in models {
+        let a = acc.get_or_insert_with(|| WeightedAverage::new(m.len()));
+        m.add_to(a, samples);
+    }
     acc.and_then(|a| a.finish().ok())
+}
+
+/// The action that installs a peer's model: its values decoded, or a note when they cannot be
+/// (they were checked on arrival, so only a defect gets here).
+pub(super) fn set_peer_model(m: &PeerModel) -> Action {
+    match m.weights.decode() {
+        Ok(v) => Action::SetModel(Arc::new(v)),
+        Err(e) => Action::Note(format!("could not install {}'s model: {e}", m.origin)),
+    }
 }
 
 mod cyclic;

@@ -1,6 +1,18 @@
 //! The strategies driven with no broker and no trainer.
 
 use super::*;
+use crate::weights::WeightFormat;
+
+/// This site's model (never sent).
+fn own(v: Vec<f32>) -> OwnModel {
+    OwnModel::unsent(v)
+}
+
+/// A peer's model as the daemon hands it over: encoded as on the wire (`f16+zstd`; the tests'
+/// values are exact in `f16`).
+fn peer(v: Vec<f32>) -> EncodedWeights {
+    EncodedWeights::encode(&v, WeightFormat::F16Zstd).unwrap()
+}
 
 fn ctx(me: &str, rounds: u64) -> Context {
     Context {
@@ -18,7 +30,7 @@ fn ctx(me: &str, rounds: u64) -> Context {
 
 fn trained(v: f32) -> Input {
     Input::Trained {
-        weights: vec![v; 4],
+        weights: own(vec![v; 4]),
         score: None,
         loss: 1.0,
     }
@@ -31,13 +43,13 @@ fn model(origin: &str, purpose: Purpose, round: u64, version: u64, samples: u64,
         model_version: version,
         round,
         samples,
-        weights: vec![v; 4],
+        weights: peer(vec![v; 4]),
     })
 }
 
 fn set_model(actions: &[Action]) -> Option<Vec<f32>> {
     actions.iter().rev().find_map(|a| match a {
-        Action::SetModel(w) => Some(w.clone()),
+        Action::SetModel(w) => Some(w.to_vec()),
         _ => None,
     })
 }
@@ -49,7 +61,12 @@ fn trains(actions: &[Action]) -> bool {
 #[test]
 fn local_trains_each_round_then_finishes() {
     let mut s = build(StrategyKind::Local, ctx("h1", 2), None).unwrap();
-    assert!(trains(&s.handle(Input::Start { weights: vec![] }, 0)));
+    assert!(trains(&s.handle(
+        Input::Start {
+            weights: own(vec![])
+        },
+        0
+    )));
     assert!(trains(&s.handle(trained(1.0), 1)));
     let a = s.handle(trained(2.0), 2);
     assert_eq!(a.last(), Some(&Action::Finished));
@@ -68,7 +85,7 @@ fn fedavg_sites_reach_the_same_average_in_any_arrival_order() {
         let mut s = build(StrategyKind::FedAvg, c, None).unwrap();
         assert!(trains(&s.handle(
             Input::Start {
-                weights: vec![0.0; 4]
+                weights: OwnModel::unsent(vec![0.0; 4])
             },
             0
         )));
@@ -107,7 +124,12 @@ fn fedavg_sites_reach_the_same_average_in_any_arrival_order() {
 #[test]
 fn fedavg_dead_site_deadline_quorum_and_late_updates() {
     let mut s = build(StrategyKind::FedAvg, ctx("h1", 3), None).unwrap();
-    s.handle(Input::Start { weights: vec![] }, 0);
+    s.handle(
+        Input::Start {
+            weights: own(vec![]),
+        },
+        0,
+    );
     s.handle(trained(1.0), 100);
     // h2 delivers, h3 is dead: nothing before the deadline, the average after it.
     assert!(set_model(&s.handle(model("h2", Purpose::Round, 0, 1, 30, 5.0), 200)).is_none());
@@ -143,7 +165,12 @@ fn fedavg_dead_site_deadline_quorum_and_late_updates() {
     assert!(s.finished());
     // Strangers and other purposes never reach a model.
     let mut t = build(StrategyKind::FedAvg, ctx("h1", 1), None).unwrap();
-    t.handle(Input::Start { weights: vec![] }, 0);
+    t.handle(
+        Input::Start {
+            weights: own(vec![]),
+        },
+        0,
+    );
     t.handle(trained(1.0), 0);
     assert!(set_model(&t.handle(model("zz", Purpose::Round, 0, 1, 10, 9.0), 1)).is_none());
     assert!(set_model(&t.handle(model("h2", Purpose::Gossip, 0, 1, 10, 9.0), 1)).is_none());
@@ -152,13 +179,18 @@ fn fedavg_dead_site_deadline_quorum_and_late_updates() {
 #[test]
 fn fedavg_restores_mid_collection_and_republishes() {
     let mut s = build(StrategyKind::FedAvg, ctx("h1", 2), None).unwrap();
-    s.handle(Input::Start { weights: vec![] }, 0);
+    s.handle(
+        Input::Start {
+            weights: own(vec![]),
+        },
+        0,
+    );
     s.handle(trained(1.0), 10);
     let saved = s.snapshot();
     let mut r = build(StrategyKind::FedAvg, ctx("h1", 2), Some(&saved)).unwrap();
     let a = r.handle(
         Input::Start {
-            weights: vec![1.0; 4],
+            weights: own(vec![1.0; 4]),
         },
         20,
     );
@@ -178,7 +210,7 @@ fn published(actions: &[Action]) -> Vec<(u64, u64, Vec<f32>)> {
                 model_version,
                 weights,
                 ..
-            } => Some((*round, *model_version, weights.clone())),
+            } => Some((*round, *model_version, weights.values.to_vec())),
             _ => None,
         })
         .collect()
@@ -189,7 +221,12 @@ fn fedavg_resends_its_round_update_to_a_joining_peer() {
     // Regression: a round update published before a peer first connected
     // never reached it (round updates are not retained), so it waited out the deadline.
     let mut s = build(StrategyKind::FedAvg, ctx("h1", 2), None).unwrap();
-    s.handle(Input::Start { weights: vec![] }, 0);
+    s.handle(
+        Input::Start {
+            weights: own(vec![]),
+        },
+        0,
+    );
     // Before its own update exists there is nothing to resend.
     let joining = |site: &str| Input::Presence {
         site: site.into(),
@@ -228,7 +265,7 @@ fn braintorrent_never_reuses_a_version_announced_before_a_restart() {
     let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 4), None).unwrap();
     s.handle(
         Input::Start {
-            weights: vec![0.0; 4],
+            weights: own(vec![0.0; 4]),
         },
         0,
     );
@@ -241,7 +278,7 @@ fn braintorrent_never_reuses_a_version_announced_before_a_restart() {
     assert_eq!(r.model_version(), 1);
     assert!(trains(&r.handle(
         Input::Start {
-            weights: vec![1.0; 4]
+            weights: own(vec![1.0; 4])
         },
         30
     )));
@@ -269,7 +306,7 @@ fn braintorrent_never_reuses_a_version_announced_before_a_restart() {
     let mut peer = build(StrategyKind::BrainTorrent, ctx("h2", 4), None).unwrap();
     peer.handle(
         Input::Start {
-            weights: vec![0.0; 4],
+            weights: own(vec![0.0; 4]),
         },
         0,
     );
@@ -285,7 +322,7 @@ fn braintorrent_merges_newer_peers_without_waiting() {
     let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 2), None).unwrap();
     assert!(trains(&s.handle(
         Input::Start {
-            weights: vec![0.0; 4]
+            weights: own(vec![0.0; 4])
         },
         0
     )));
@@ -365,7 +402,7 @@ fn braintorrent_final_average_is_one_shared_model_in_any_arrival_order() {
         let mut s = build(StrategyKind::BrainTorrent, c, None).unwrap();
         s.handle(
             Input::Start {
-                weights: vec![0.0; 4],
+                weights: own(vec![0.0; 4]),
             },
             0,
         );
@@ -415,7 +452,7 @@ fn braintorrent_gives_up_on_a_dead_peer() {
     let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 1), None).unwrap();
     s.handle(
         Input::Start {
-            weights: vec![0.0; 4],
+            weights: own(vec![0.0; 4]),
         },
         0,
     );
@@ -435,7 +472,14 @@ fn ciil_token_goes_round_the_ring() {
         .collect();
     let starts: Vec<bool> = sites
         .iter_mut()
-        .map(|s| trains(&s.handle(Input::Start { weights: vec![] }, 0)))
+        .map(|s| {
+            trains(&s.handle(
+                Input::Start {
+                    weights: own(vec![]),
+                },
+                0,
+            ))
+        })
         .collect();
     assert_eq!(starts, vec![true, false, false]);
     // Simulate: the holder trains (adds 1 to the model), publishes, everyone receives.
@@ -452,7 +496,7 @@ fn ciil_token_goes_round_the_ring() {
                     round,
                     weights,
                     ..
-                } => Some((*round, weights.clone())),
+                } => Some((*round, weights.values.to_vec())),
                 _ => None,
             })
             .unwrap();
@@ -485,7 +529,12 @@ fn ciil_token_goes_round_the_ring() {
     assert!(sites.iter().all(|s| s.finished()));
     // A token from the wrong holder is ignored.
     let mut s = build(StrategyKind::Ciil, ctx("h2", 2), None).unwrap();
-    s.handle(Input::Start { weights: vec![] }, 0);
+    s.handle(
+        Input::Start {
+            weights: own(vec![]),
+        },
+        0,
+    );
     assert!(!trains(
         &s.handle(model("h3", Purpose::Token, 0, 1, 10, 1.0), 0)
     ));
@@ -497,18 +546,18 @@ fn iil_passes_its_best_after_patience() {
     let mut h2 = build(StrategyKind::Iil, ctx("h2", 10), None).unwrap();
     assert!(trains(&h1.handle(
         Input::Start {
-            weights: vec![0.0; 4]
+            weights: own(vec![0.0; 4])
         },
         0
     )));
     assert!(!trains(&h2.handle(
         Input::Start {
-            weights: vec![0.0; 4]
+            weights: own(vec![0.0; 4])
         },
         0
     )));
     let scored = |v: f32, d: f64| Input::Trained {
-        weights: vec![v; 4],
+        weights: own(vec![v; 4]),
         score: Some(d),
         loss: 0.5,
     };
@@ -522,7 +571,7 @@ fn iil_passes_its_best_after_patience() {
         .find_map(|a| match a {
             Action::Publish {
                 weights, round: 0, ..
-            } => Some(weights.clone()),
+            } => Some(weights.values.to_vec()),
             _ => None,
         })
         .unwrap();
@@ -537,7 +586,10 @@ fn iil_passes_its_best_after_patience() {
     assert!(trains(&a));
     // h1 adopts the last site's model and finishes.
     let a = h1.handle(model("h3", Purpose::Token, 2, 3, 10, 9.0), 6);
-    assert_eq!(a, vec![Action::SetModel(vec![9.0; 4]), Action::Finished]);
+    assert_eq!(
+        a,
+        vec![Action::SetModel(Arc::new(vec![9.0; 4])), Action::Finished]
+    );
 }
 
 #[test]
@@ -552,7 +604,16 @@ fn fedavg_running_sum_is_bit_identical_to_the_ordered_average_in_any_arrival_ord
     };
     let reference = |present: &[usize]| {
         let ups: Vec<_> = present.iter().map(|&i| update(i)).collect();
-        average(ups.iter().map(|(n, w)| (*n, w.as_slice()))).unwrap()
+        average(ups.into_iter().map(|(n, w)| (n, Part::Own(Arc::new(w))))).unwrap()
+    };
+    // Even sites' updates come as this site's own values, odd ones as a peer's encoded bytes:
+    // both must add the same bits.
+    let part = |i: usize, w: Vec<f32>| {
+        if i % 2 == 0 {
+            Part::Own(Arc::new(w))
+        } else {
+            Part::Peer(EncodedWeights::encode(&w, WeightFormat::F32).unwrap())
+        }
     };
     let arrivals: [&[usize]; 5] = [
         &[0, 1, 2, 3],
@@ -565,11 +626,11 @@ fn fedavg_running_sum_is_bit_identical_to_the_ordered_average_in_any_arrival_ord
         let mut sum = fedavg::RoundSum::default();
         for &i in order {
             let (n, w) = update(i);
-            sum.offer(&sites, sites[i].clone(), n, w);
+            sum.offer(&sites, sites[i].clone(), n, part(i, w));
         }
         // A copy of an update already in changes nothing.
         let (n, w) = update(order[0]);
-        sum.offer(&sites, sites[order[0]].clone(), n, w);
+        sum.offer(&sites, sites[order[0]].clone(), n, part(order[0], w));
         assert_eq!(sum.len(), order.len());
         let mut present = order.to_vec();
         present.sort();
