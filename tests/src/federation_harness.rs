@@ -5,13 +5,14 @@
 //! readers for what the sites leave behind: the `--summary` JSON, the newest session checkpoint
 //! in each store (weights and the daemon's saved state), and the per-round log lines.
 //!
-//! The binaries are the ones `cargo test --workspace --release` builds beside the test
-//! executable (`target/release/cosilo`, `target/release/examples/rogue_site`); a missing one is
-//! built with cargo first. The cohort needs the anatomy cache (`cosilo data fetch`).
+//! The binaries live beside the test executable (`target/release/cosilo`,
+//! `target/release/examples/rogue_site`); each is built with `cargo build` once per test process
+//! before its first use, so a binary left from an older checkout is never run. The cohort needs the anatomy cache (`cosilo data fetch`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -38,13 +39,20 @@ fn target_dir() -> Result<PathBuf> {
         .context("the test executable has no target folder")
 }
 
-/// Builds `what` (cargo arguments after `build -p cosilo-appliance`) in the test's profile.
-fn cargo_build(what: &[&str], release: bool) -> Result<()> {
+/// Builds `what` (cargo arguments after `build -p cosilo-appliance`) in the test's profile, into
+/// the target folder `dir` the test executable runs from (passed as `--target-dir`, so a
+/// `--target-dir` or `CARGO_TARGET_DIR` of the outer `cargo test` cannot send it elsewhere).
+fn cargo_build(what: &[&str], dir: &Path) -> Result<()> {
+    let target = dir
+        .parent()
+        .context("the test's target folder has no parent")?;
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
         .args(["build", "-p", "cosilo-appliance"])
-        .args(what);
-    if release {
+        .args(what)
+        .arg("--target-dir")
+        .arg(target);
+    if dir.ends_with("release") {
         cmd.arg("--release");
     }
     let status = cmd
@@ -56,44 +64,41 @@ fn cargo_build(what: &[&str], release: bool) -> Result<()> {
     Ok(())
 }
 
-/// The `cosilo` binary of this profile, built when missing.
-pub fn cosilo_bin() -> Result<PathBuf> {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(b) = BIN.get() {
-        return Ok(b.clone());
+/// Runs `cargo build` for `what` once per test process and returns `product`, the file it makes
+/// (relative to the target folder). Always building, even when the file exists, is what keeps a
+/// stale binary from an older checkout out of the tests: cargo rebuilds exactly when a source
+/// changed and otherwise returns in about a second. The lock is held through the build, so tests
+/// running in parallel wait for the one build instead of starting cargo each; a failed build is
+/// not remembered, so the next caller tries again and reports its own error.
+fn built_once(what: &[&str], product: &Path) -> Result<PathBuf> {
+    static BUILT: Mutex<BTreeMap<Vec<String>, PathBuf>> = Mutex::new(BTreeMap::new());
+    let key: Vec<String> = what.iter().map(|s| s.to_string()).collect();
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(bin) = built.get(&key) {
+        return Ok(bin.clone());
     }
     let dir = target_dir()?;
-    let bin = dir.join("cosilo");
+    let bin = dir.join(product);
+    cargo_build(what, &dir)?;
     if !bin.exists() {
-        cargo_build(&["--bin", "cosilo"], dir.ends_with("release"))?;
-        if !bin.exists() {
-            bail!("cargo build did not produce {}", bin.display());
-        }
+        bail!("cargo build did not produce {}", bin.display());
     }
-    Ok(BIN.get_or_init(|| bin).clone())
+    built.insert(key, bin.clone());
+    Ok(bin)
 }
 
-/// An example of `cosilo-appliance` (e.g. `rogue_site`), built when missing or older than its
-/// source file.
+/// The `cosilo` binary of this profile, built (`cargo build -p cosilo-appliance --bin cosilo`)
+/// once per test process so that it matches the sources under test.
+pub fn cosilo_bin() -> Result<PathBuf> {
+    built_once(&["--bin", "cosilo"], Path::new("cosilo"))
+}
+
+/// An example of `cosilo-appliance` (e.g. `rogue_site`), built once per test process like
+/// [`cosilo_bin`].
 pub fn appliance_example(name: &str) -> Result<PathBuf> {
-    let dir = target_dir()?;
-    let bin = dir.join("examples").join(name);
-    let source = workspace_root()
-        .join("appliance/cosilo/examples")
-        .join(format!("{name}.rs"));
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let stale = match (modified(&bin), modified(&source)) {
-        (Some(b), Some(s)) => b < s,
-        (None, _) => true,
-        (Some(_), None) => false,
-    };
-    if stale {
-        cargo_build(&["--example", name], dir.ends_with("release"))?;
-        if !bin.exists() {
-            bail!("cargo build did not produce {}", bin.display());
-        }
-    }
-    Ok(bin)
+    built_once(&["--example", name], &Path::new("examples").join(name))
 }
 
 /// A tiny cohort (2/2/1 training and 1 held-out patient for h1/h2/h3), built once per test
@@ -589,5 +594,52 @@ mod tests {
                    2026 INFO site{id=h1}: x: session ready";
         assert_eq!(round_lines(log), vec![1, 12]);
         assert_eq!(lines_with(log, "session").len(), 1);
+    }
+
+    /// The newest modification time of the `.rs` files under `dir`.
+    fn newest_source(dir: &Path) -> std::time::SystemTime {
+        let mut newest = std::time::UNIX_EPOCH;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let t = if path.is_dir() {
+                newest_source(&path)
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                std::fs::metadata(&path).unwrap().modified().unwrap()
+            } else {
+                continue;
+            };
+            newest = newest.max(t);
+        }
+        newest
+    }
+
+    #[test]
+    fn cosilo_bin_is_never_older_than_the_sources_it_is_built_from() {
+        // Regression: a `cosilo` left in the target folder by an older checkout was used as it
+        // was, so the federation tests ran yesterday's daemon.
+        let bin = cosilo_bin().unwrap();
+        let built = std::fs::metadata(&bin).unwrap().modified().unwrap();
+        let root = workspace_root();
+        let crates = [
+            "appliance/cosilo",
+            "appliance/federation",
+            "appliance/train",
+            "appliance/store",
+            "appliance/lab",
+            "appliance/rng",
+            "sdk",
+            "hardware",
+            "bridge",
+        ];
+        for c in crates {
+            let newest = newest_source(&root.join(c).join("src"));
+            assert!(
+                built >= newest,
+                "{} is older than a source file of {c}",
+                bin.display()
+            );
+        }
+        // Once per process: a second call returns the same path without building again.
+        assert_eq!(cosilo_bin().unwrap(), bin);
     }
 }
