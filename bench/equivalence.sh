@@ -4,6 +4,9 @@
 #
 #   bench/equivalence.sh OLD_COSILO NEW_COSILO [OUT]
 #
+# OLD_COSILO `-` runs only the new build (compare with the hashes recorded in
+# bench/results/refactor_equivalence.md).
+#
 # 1. Single-site training: h1's 40 cases, the default training configuration and seed, 4 epochs
 #    (`cosilo train --epochs 4`), exported with `cosilo export`: model.onnx must be identical.
 # 2. FedAvg: `cosilo demo --strategy fedavg --rounds 3 --steps-per-round 5 --personalise-steps 0`
@@ -31,7 +34,7 @@ fedavg_hashes() { # BIN DIR
     echo "$h $(sha256sum "$2/bundle-$h/model.onnx" | cut -d' ' -f1)"
   done
 }
-echo "training, old: $(train_hash "$OLD" "$OUT/train-old")"
+[ "$OLD" = - ] || echo "training, old: $(train_hash "$OLD" "$OUT/train-old")"
 echo "training, new: $(train_hash "$NEW" "$OUT/train-new")"
-echo "fedavg, old:"; fedavg_hashes "$OLD" "$OUT/fedavg-old"
+[ "$OLD" = - ] || { echo "fedavg, old:"; fedavg_hashes "$OLD" "$OUT/fedavg-old"; }
 echo "fedavg, new:"; fedavg_hashes "$NEW" "$OUT/fedavg-new"
