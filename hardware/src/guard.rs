@@ -176,18 +176,21 @@ impl GpuProbe for NoGpu {
     }
 }
 
-/// NVIDIA Jetson: load from `sys/devices/platform/gpu.0/load` (or `sys/devices/gpu.0/load`,
-/// per-mille) and temperature from the thermal zone whose type starts with "GPU".
+/// NVIDIA Jetson: load from the GPU's per-mille `load` node and temperature from the thermal zone
+/// whose type starts with "GPU".
 #[derive(Debug, Clone)]
 pub struct JetsonGpu {
     root: SysRoot,
     load: String,
 }
 
-const JETSON_LOAD_NODES: [&str; 3] = [
-    "sys/devices/platform/gpu.0/load",
+/// The per-mille GPU load node of Jetson boards (names from public Jetson tooling; not checked on
+/// a board here, see docs/DEPENDENCIES.md).
+const JETSON_LOAD_NODES: [&str; 4] = [
     "sys/devices/gpu.0/load",
-    "sys/devices/platform/17000000.gpu/load",
+    "sys/devices/platform/gpu.0/load",
+    "sys/devices/17000000.gv11b/load",
+    "sys/devices/platform/17000000.ga10b/load",
 ];
 
 impl JetsonGpu {
