@@ -79,8 +79,6 @@ struct State {
     throttled: Duration,
     last_latency: Option<u64>,
     max_latency: Option<u64>,
-    /// Bumped on every change, so a throttle sleep wakes when anything changes.
-    epoch: u64,
 }
 
 impl State {
@@ -157,7 +155,6 @@ impl TrainingGate {
                     throttled: Duration::ZERO,
                     last_latency: None,
                     max_latency: None,
-                    epoch: 0,
                 }),
                 Condvar::new(),
             )),
@@ -172,7 +169,6 @@ impl TrainingGate {
     fn update(&self, f: impl FnOnce(&mut State)) {
         let mut s = self.lock();
         f(&mut s);
-        s.epoch += 1;
         s.note_request();
         drop(s);
         self.inner.1.notify_all();
@@ -261,7 +257,6 @@ impl TrainingGate {
                 s.clinical_pauses += 1;
             }
             s.parked = true;
-            s.epoch += 1;
             self.inner.1.notify_all();
             let t0 = Instant::now();
             while s.must_park() {
@@ -280,7 +275,6 @@ impl TrainingGate {
             s.parked = false;
             s.pause_requested_at = None;
             s.parked_time += out.parked;
-            s.epoch += 1;
             self.inner.1.notify_all();
             return out;
         }
@@ -289,9 +283,9 @@ impl TrainingGate {
             let idle = last_step.mul_f64(1.0 / f - 1.0);
             let t0 = Instant::now();
             let deadline = t0 + idle;
-            let epoch = s.epoch;
-            // Idle, but wake at once when anything changes (a hold must not wait out the idle).
-            while Instant::now() < deadline && s.epoch == epoch {
+            // Idle, but wake at once for a hold or a pause (it must not wait out the idle); a new
+            // guard reading (the monitor updates the reason every period) does not cut it short.
+            while Instant::now() < deadline && !s.must_park() {
                 if stop.load(Ordering::SeqCst) {
                     out.stopped = true;
                     break;
