@@ -16,6 +16,9 @@ cargo fmt --all -- --check
 
 say "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# NVML guard (feature `nvml`): lint it and run its test, which says "not available" without a driver.
+cargo clippy -p cosilo-hardware --all-targets --features nvml --quiet -- -D warnings
+cargo test -p cosilo-hardware --release --features nvml --quiet nvml
 
 # The GPU build: the `cuda` feature of the training code (its library, tests and examples) must
 # compile and pass clippy on this CPU-only machine. A CUDA 13.0 compiler and headers come from

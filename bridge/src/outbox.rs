@@ -12,6 +12,10 @@
 //! Every change is written to a temp file, fsynced, renamed and the directory fsynced, so
 //! [`Outbox::enqueue`] returning `Ok` means the item survives a power cut. Retries back off
 //! exponentially: `base_delay * 2^(attempts-1)`, capped at `max_delay`.
+//!
+//! An enqueue that would leave less free disk than the outbox's reserve
+//! ([`Outbox::with_reserve_bytes`]) is refused with [`OutboxError::DiskReserve`] before anything
+//! is written.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -109,6 +113,11 @@ pub enum OutboxError {
     },
     #[error("cannot read outbox record {path}: {reason}")]
     ReadRecord { path: PathBuf, reason: String },
+    #[error("{file} not queued, nothing written: {source}")]
+    DiskReserve {
+        file: PathBuf,
+        source: cosilo_hardware::HardwareError,
+    },
     #[error("cannot move {from} to {to}: {source}")]
     Move {
         from: PathBuf,
@@ -122,7 +131,15 @@ pub enum OutboxError {
 pub struct Outbox {
     dir: PathBuf,
     policy: RetryPolicy,
+    /// Free bytes an enqueue must leave on the outbox's disk.
+    reserve_bytes: u64,
 }
+
+/// The outbox's default disk reserve: 256 MiB.
+pub const DEFAULT_OUTBOX_RESERVE_BYTES: u64 = 256 << 20;
+
+/// Bytes a record (`<id>.json`) and the temporary copies take beyond the file itself.
+const RECORD_ALLOWANCE: u64 = 64 << 10;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -155,7 +172,11 @@ impl Outbox {
             std::fs::create_dir_all(&p)
                 .map_err(|source| OutboxError::CreateDir { path: p, source })?;
         }
-        let ob = Outbox { dir, policy };
+        let ob = Outbox {
+            dir,
+            policy,
+            reserve_bytes: DEFAULT_OUTBOX_RESERVE_BYTES,
+        };
         let pending = ob.pending_dir();
         for entry in list(&pending)? {
             let ext = entry.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -170,6 +191,12 @@ impl Outbox {
             }
         }
         Ok(ob)
+    }
+
+    /// Sets the free space every enqueue must leave on the outbox's disk.
+    pub fn with_reserve_bytes(mut self, bytes: u64) -> Outbox {
+        self.reserve_bytes = bytes;
+        self
     }
 
     /// The outbox's folder (callers may stage files here before [`Outbox::enqueue`]; only
@@ -191,6 +218,15 @@ impl Outbox {
     pub fn enqueue(&self, file: &Path, destination: &PeerAe) -> Result<OutboxItem, OutboxError> {
         let bytes = std::fs::read(file).map_err(|source| OutboxError::Copy {
             from: file.to_path_buf(),
+            source,
+        })?;
+        cosilo_hardware::DiskReserve {
+            path: self.dir.clone(),
+            reserve_bytes: self.reserve_bytes,
+        }
+        .check(bytes.len() as u64 + RECORD_ALLOWANCE)
+        .map_err(|source| OutboxError::DiskReserve {
+            file: file.to_path_buf(),
             source,
         })?;
         let id = format!(
@@ -392,5 +428,35 @@ mod tests {
             .path()
             .join(format!("ob/dead/{}.dcm", dead[0].id))
             .exists());
+    }
+
+    #[test]
+    fn an_enqueue_that_would_cross_the_disk_reserve_is_refused_and_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("seg.dcm");
+        std::fs::write(&src, b"a SEG").unwrap();
+        let total = cosilo_hardware::disk(d.path()).unwrap().total_bytes;
+        let ob = Outbox::open(d.path().join("ob"), RetryPolicy::default())
+            .unwrap()
+            .with_reserve_bytes(total);
+        let peer = PeerAe::new("PACS", "127.0.0.1:1", "COSILO");
+        let e = ob.enqueue(&src, &peer).unwrap_err();
+        assert!(matches!(e, OutboxError::DiskReserve { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("seg.dcm") && text.contains("not enough disk space"),
+            "{text}"
+        );
+        assert_eq!(
+            std::fs::read_dir(d.path().join("ob/pending"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert!(ob.pending().unwrap().is_empty());
+        let ob = ob.with_reserve_bytes(0);
+        ob.enqueue(&src, &peer).unwrap();
+        assert_eq!(ob.pending().unwrap().len(), 1);
+        assert!(src.exists(), "the source is copied, never moved");
     }
 }

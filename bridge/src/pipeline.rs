@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::assemble::retention::{self, Retention};
 use crate::assemble::{AssembleError, PollReport, SeriesAssembler, SeriesSink, SystemClock};
 use crate::config::{BridgeConfig, ConfigError};
 use crate::deid::{BirthDatePolicy, DatePolicy, DeidError, Deidentifier, MappingStore};
@@ -54,7 +55,25 @@ pub struct AssemblySettings {
     /// refused by the store) waits for the rest before it is refused.
     #[serde(default = "default_incomplete_wait_s")]
     pub incomplete_wait_s: u64,
+    /// `done/` retention ([`crate::assemble::retention`]): series older than this many days go
+    /// (never one a labelled case needs). Absent from a file: 90.
+    #[serde(default = "default_done_max_age_days")]
+    pub done_max_age_days: u64,
+    /// `done/` retention: beyond this many bytes the oldest removable series go. Absent: 50 GiB.
+    #[serde(default = "default_done_max_bytes")]
+    pub done_max_bytes: u64,
 }
+
+fn default_done_max_age_days() -> u64 {
+    90
+}
+
+fn default_done_max_bytes() -> u64 {
+    50 << 30
+}
+
+/// How often the running bridge applies the `done/` retention.
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
 
 fn default_incomplete_wait_s() -> u64 {
     SeriesAssembler::DEFAULT_INCOMPLETE_WAIT.as_secs()
@@ -156,6 +175,9 @@ impl PipelineConfig {
         }
         if !(10..=60_000).contains(&self.assembly.poll_interval_ms) {
             return Err(bad("assembly.poll_interval_ms", "must be 10..=60000"));
+        }
+        if !(1..=36_500).contains(&self.assembly.done_max_age_days) {
+            return Err(bad("assembly.done_max_age_days", "must be 1..=36500"));
         }
         Ok(())
     }
@@ -359,8 +381,22 @@ impl Bridge {
                 report.refused.extend(r.refused);
             };
             let mut result = Ok(());
+            let retention = Retention {
+                max_age: Duration::from_secs(cfg.assembly.done_max_age_days * 86_400),
+                max_bytes: cfg.assembly.done_max_bytes,
+            };
+            let mut retained_at: Option<std::time::Instant> = None;
             while !shutdown.load(Ordering::SeqCst) {
                 std::thread::sleep(interval);
+                if retained_at.is_none_or(|t| t.elapsed() >= RETENTION_EVERY) {
+                    retained_at = Some(std::time::Instant::now());
+                    // A failed pass keeps everything: logged, never fatal.
+                    if let Err(e) =
+                        retention::apply(&cfg.network.spool_dir, &retention, SystemTime::now())
+                    {
+                        tracing::warn!(error = %e, "done/ retention failed; nothing removed by it");
+                    }
+                }
                 match assembler.poll(series_sink.as_ref()) {
                     Ok(r) => add(r),
                     Err(e) => {
@@ -566,6 +602,67 @@ mod tests {
         });
         assert_eq!(report.outbox, outbox::RunReport::default());
         assert_eq!(ob.pending().unwrap()[0].attempts, 0, "nothing was tried");
+    }
+
+    #[test]
+    fn the_running_bridge_applies_the_done_retention() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        write_key(&root.join("deid.key"));
+        let mut cfg = PipelineConfig::default_config().unwrap();
+        assert_eq!(
+            (cfg.assembly.done_max_age_days, cfg.assembly.done_max_bytes),
+            (90, 50 << 30)
+        );
+        cfg.state_dir = root.join("state");
+        cfg.network.bind = "127.0.0.1:0".parse().unwrap();
+        cfg.network.spool_dir = root.join("spool");
+        cfg.network.outbox_dir = root.join("outbox");
+        cfg.network.reserve_bytes = 1 << 20;
+        cfg.deid.secret_file = root.join("deid.key");
+        cfg.assembly.poll_interval_ms = 20;
+        cfg.assembly.done_max_age_days = 30;
+        cfg.validate().unwrap();
+        let mut bad = cfg.clone();
+        bad.assembly.done_max_age_days = 0;
+        assert!(bad.validate().is_err());
+        // An image series handed over 100 days ago, and one from today.
+        let geometry = Geometry::axis_aligned([8, 8, 3], [1.0; 3], [0.0; 3]);
+        let volume = Volume {
+            data: (0..geometry.len()).map(|i| i as f32).collect(),
+            geometry,
+        };
+        let done = cfg
+            .network
+            .spool_dir
+            .join(crate::assemble::DONE_DIR)
+            .join("2.25.1");
+        let old = done.join("2.25.10");
+        let young = done.join("2.25.11");
+        for (dir, days) in [(&old, 100u64), (&young, 0)] {
+            let files =
+                write_series(&volume, &SeriesMeta::new(Modality::Mr, "r"), dir.as_path()).unwrap();
+            for f in files {
+                let t = SystemTime::now() - Duration::from_secs(days * 86_400);
+                std::fs::File::options()
+                    .write(true)
+                    .open(f)
+                    .unwrap()
+                    .set_modified(t)
+                    .unwrap();
+            }
+        }
+        let shutdown = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let bridge =
+                s.spawn(|| Bridge::run(&cfg, Arc::new(CountingSink::default()), &shutdown, |_| {}));
+            wait_until("the old series removed", Duration::from_secs(20), || {
+                !old.exists()
+            });
+            shutdown.store(true, Ordering::SeqCst);
+            bridge.join().unwrap().unwrap();
+        });
+        assert!(young.is_dir(), "a series younger than the limit stays");
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -272,3 +272,122 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The retention of `done/`: by age and by size, oldest first, never a SEG or the image series a
+/// SEG labels.
+#[test]
+fn done_retention_removes_old_and_excess_series_but_never_a_labelled_one() {
+    use cosilo_bridge::assemble::retention::{apply, Retention};
+    use std::time::SystemTime;
+    let s = setup();
+    let rec = Recorder::default();
+    // A: labelled by a SEG; B then C: image only (B older).
+    let a = write(&s.root.join("in/a"), "series-a", "MRN-1");
+    let original = read_series(&a).unwrap();
+    let seg_path = s.root.join("in/seg.dcm");
+    write_seg(
+        &labels(&original.volume.geometry),
+        &original,
+        &[SegmentDescription::for_class(1, "tumour")],
+        &AlgorithmInfo::new("test", "1"),
+        &seg_path,
+    )
+    .unwrap();
+    offer(&s.sink, &a);
+    s.clock.advance(QUIET);
+    assert_eq!(s.assembler.poll(&rec).unwrap().imported.len(), 1);
+    offer(&s.sink, &[seg_path]);
+    s.clock.advance(QUIET);
+    assert_eq!(s.assembler.poll(&rec).unwrap().imported.len(), 1);
+    let b = write(&s.root.join("in/b"), "series-bb", "MRN-2");
+    offer(&s.sink, &b);
+    s.clock.advance(QUIET);
+    assert_eq!(s.assembler.poll(&rec).unwrap().imported.len(), 1);
+    let c = write(&s.root.join("in/c"), "series-ccc", "MRN-3");
+    offer(&s.sink, &c);
+    s.clock.advance(QUIET);
+    assert_eq!(s.assembler.poll(&rec).unwrap().imported.len(), 1);
+    let series_in_done = || {
+        let mut out = Vec::new();
+        for study in std::fs::read_dir(s.spool.join(DONE_DIR)).unwrap() {
+            for series in std::fs::read_dir(study.unwrap().path()).unwrap() {
+                out.push(series.unwrap().file_name().into_string().unwrap());
+            }
+        }
+        out.sort();
+        out
+    };
+    let got = rec.got.lock().unwrap();
+    let (a_uid, seg_uid) = (
+        got[1].series_uid.clone(),
+        got[1].seg_series_uid.clone().unwrap(),
+    );
+    let (b_uid, c_uid) = (got[2].series_uid.clone(), got[3].series_uid.clone());
+    drop(got);
+    assert_eq!(series_in_done().len(), 4);
+    let total: u64 = walk(&s.spool.join(DONE_DIR))
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "dcm"))
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    let now = SystemTime::now();
+    let day = Duration::from_secs(86_400);
+
+    // Young and within the size: nothing goes.
+    let keep_all = Retention {
+        max_age: day,
+        max_bytes: total,
+    };
+    let r = apply(&s.spool, &keep_all, now).unwrap();
+    assert!(r.removed.is_empty(), "{r:?}");
+    assert_eq!((r.protected, r.bytes_after), (2, total));
+
+    // One byte over the size: the oldest unlabelled series (B) goes, and only it.
+    let r = apply(
+        &s.spool,
+        &Retention {
+            max_age: day,
+            max_bytes: total - 1,
+        },
+        now,
+    )
+    .unwrap();
+    assert_eq!(
+        r.removed.iter().map(|x| x.1.as_str()).collect::<Vec<_>>(),
+        [b_uid.as_str()]
+    );
+    let mut left = vec![a_uid.clone(), seg_uid.clone(), c_uid.clone()];
+    left.sort();
+    assert_eq!(series_in_done(), left);
+
+    // Ten days later with a one-week age limit: C goes; A and its SEG stay, however old.
+    let r = apply(
+        &s.spool,
+        &Retention {
+            max_age: 7 * day,
+            max_bytes: u64::MAX,
+        },
+        now + 10 * day,
+    )
+    .unwrap();
+    assert_eq!(r.removed.len(), 1);
+    assert_eq!(r.removed[0].1, c_uid);
+    let mut left = vec![a_uid.clone(), seg_uid.clone()];
+    left.sort();
+    assert_eq!(series_in_done(), left);
+    // Even a size limit of zero keeps the labelled case's series.
+    let r = apply(
+        &s.spool,
+        &Retention {
+            max_age: Duration::ZERO,
+            max_bytes: 0,
+        },
+        now + 10 * day,
+    )
+    .unwrap();
+    assert!(r.removed.is_empty());
+    assert_eq!(series_in_done(), left);
+    assert!(r.bytes_after > 0);
+    // Nothing of the removal is left for the spool scan to find.
+    assert!(!s.spool.join(".retention-trash").exists());
+}

@@ -10,10 +10,17 @@
 //! - [`durable`]: durable file writes (write, fsync, rename, fsync the directory), the one home of
 //!   the fsync discipline every crate that acknowledges data follows.
 //!
-//! GPU, power and NVIDIA Jetson specifics follow in their own issue, behind cargo features with
-//! the same "not available" stand-in on machines without them.
+//! - [`gate`]: the training gate: clinical work holds it and the guards set it, so training
+//!   throttles or parks at a step boundary.
+//! - [`guard`]: thermal, memory-pressure and GPU guards with hysteresis, and the monitor thread
+//!   that drives the gate from them; GPU readings from the Jetson sysfs nodes, NVML (feature
+//!   `nvml`, `nvml` module) or the "not available" stand-in.
 
 pub mod durable;
+pub mod gate;
+pub mod guard;
+#[cfg(feature = "nvml")]
+pub mod nvml;
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +52,8 @@ pub enum HardwareError {
         needed: u64,
         reserve: u64,
     },
+    #[error("not available on this machine: {0}")]
+    NotAvailable(String),
 }
 
 /// The root that `proc/` and `sys/` are read under.

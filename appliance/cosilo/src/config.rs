@@ -50,6 +50,9 @@ pub struct SiteConfig {
     pub broker: BrokerSection,
     #[serde(default)]
     pub train: TrainSection,
+    /// `[guards]`: thermal, memory and GPU guards that throttle or pause training.
+    #[serde(default)]
+    pub guards: cosilo_hardware::guard::GuardsConfig,
 }
 
 /// `[site]`.
@@ -288,6 +291,9 @@ impl SiteConfig {
             ));
         }
         self.train_config()?;
+        self.guards
+            .validate()
+            .map_err(|reason| invalid("guards", reason))?;
         Ok(())
     }
 
@@ -433,6 +439,7 @@ mod tests {
             ("port = 1883", "port = 0", "broker.port"),
             ("# base = 8", "base = 7", "train"),
             ("name = \"cosilo\"", "name = \"a/b\"", "federation.name"),
+            ("throttle_factor = 0.5", "throttle_factor = 2", "guards"),
         ];
         for (from, to, key) in cases {
             assert!(DEFAULT_SITE_TOML.contains(from), "{from}");

@@ -301,6 +301,10 @@ impl Store {
         let image_bytes = IVec::from(checked.image_bytes);
         let label_bytes = IVec::from(checked.label_bytes);
         let key = id.as_bytes();
+        self.check_reserve(
+            format!("case {id}"),
+            (meta_bytes.len() + image_bytes.len() + label_bytes.len()) as u64,
+        )?;
 
         let written = (&self.cases, &self.images, &self.labels).transaction(|(m, i, l)| {
             if let Some(existing) = m.get(key)? {

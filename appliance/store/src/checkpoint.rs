@@ -71,6 +71,10 @@ impl Store {
             what: format!("checkpoint metadata of run {run}"),
             source,
         })?;
+        self.check_reserve(
+            format!("checkpoint of run {run}"),
+            (record.len() + weights.len()) as u64,
+        )?;
         let record = IVec::from(record);
         let weights = IVec::from(weights);
         let seq = (

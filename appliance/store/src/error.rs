@@ -90,6 +90,13 @@ pub enum StoreError {
         #[source]
         source: BackendError,
     },
+    /// The write would leave less free disk than the reserve: nothing was written.
+    #[error("{what} refused, nothing written: {source}")]
+    DiskReserve {
+        what: String,
+        #[source]
+        source: cosilo_hardware::HardwareError,
+    },
     #[error("cannot flush the store at {dir} to disk")]
     Flush {
         dir: PathBuf,

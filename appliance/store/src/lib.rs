@@ -17,6 +17,9 @@
 //! - Nothing is acknowledged (`Ok` from a write) before it has been flushed to disk.
 //! - Import checks every input before writing anything; a refused case leaves the store as it was.
 //! - The store records its format version and refuses to open one it does not know.
+//! - Every write of cases or checkpoints first consults the disk reserve
+//!   ([`Store::set_reserve_bytes`], [`DEFAULT_RESERVE_BYTES`]): a write that would leave less free
+//!   is refused with [`StoreError::DiskReserve`] before anything is written.
 
 pub mod case;
 pub mod checkpoint;
@@ -30,6 +33,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cosilo_hardware::durable::sync_dir;
@@ -39,6 +43,9 @@ pub use case::{Case, CaseMeta, ImportOutcome, Provenance, Split, GRID_TOLERANCE_
 pub use error::{BackendError, StoreError};
 pub use import::{ImportReport, ImportRequest, ManifestError, Refusal};
 pub use manage::CaseChange;
+
+/// The free space (bytes) a store leaves on its disk unless told otherwise: 1 GiB.
+pub const DEFAULT_RESERVE_BYTES: u64 = 1 << 30;
 
 /// The on-disk layout this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -68,6 +75,8 @@ pub struct Store {
     checkpoint_seq: sled::Tree,
     /// Blob files already fsynced, with the length they had then (see [`Store::flush`]).
     synced_blobs: Arc<Mutex<HashMap<OsString, u64>>>,
+    /// Bytes to leave free on the store's disk; shared by clones.
+    reserve_bytes: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -150,12 +159,39 @@ impl Store {
             checkpoint_seq: tree(CHECKPOINT_SEQ_TREE)?,
             db,
             synced_blobs: Arc::default(),
+            reserve_bytes: Arc::new(AtomicU64::new(DEFAULT_RESERVE_BYTES)),
         })
     }
 
     /// The directory the store lives in.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Sets the free space every write must leave on the store's disk (all clones share it).
+    pub fn set_reserve_bytes(&self, bytes: u64) {
+        self.reserve_bytes.store(bytes, Ordering::SeqCst);
+    }
+
+    /// The free space every write must leave on the store's disk.
+    pub fn reserve_bytes(&self) -> u64 {
+        self.reserve_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Refuses a write of about `bytes` (`what`, for the message) that would cross the reserve.
+    /// sled appends to its log before it compacts, so a write needs about its size again.
+    fn check_reserve(&self, what: impl Into<String>, bytes: u64) -> Result<(), StoreError> {
+        let reserve = cosilo_hardware::DiskReserve {
+            path: self.dir.clone(),
+            reserve_bytes: self.reserve_bytes(),
+        };
+        reserve
+            .check(bytes.saturating_mul(2))
+            .map(|_| ())
+            .map_err(|source| StoreError::DiskReserve {
+                what: what.into(),
+                source,
+            })
     }
 
     /// Makes every write so far durable: on disk and fsynced.

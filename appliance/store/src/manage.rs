@@ -57,6 +57,10 @@ impl Store {
             image_bytes,
             label_bytes,
         } = prepare_volume(id, split, image, label, provenance)?;
+        self.check_reserve(
+            format!("case {id}"),
+            (meta_bytes.len() + image_bytes.len() + label_bytes.len()) as u64,
+        )?;
         let history = self.history_tree()?;
         let key = id.as_bytes();
         let at_unix = meta.provenance.imported_at_unix;

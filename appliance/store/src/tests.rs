@@ -437,3 +437,78 @@ fn a_store_creation_interrupted_by_a_crash_is_started_over() {
     assert!(mount.join("data").join("conf").is_file());
     drop(Store::open(&mount).unwrap());
 }
+
+#[test]
+fn writes_that_would_cross_the_disk_reserve_are_refused_and_write_nothing() {
+    let (dir, store) = open_temp();
+    assert_eq!(store.reserve_bytes(), DEFAULT_RESERVE_BYTES);
+    let (ip, lp, image, label) = write_pair(dir.path(), "c1", 1);
+    let before = snapshot(&store);
+    // A reserve larger than the whole disk: every write crosses it.
+    let disk = cosilo_hardware::disk(store.dir()).unwrap();
+    store.clone().set_reserve_bytes(disk.total_bytes + 1);
+    assert_eq!(
+        store.reserve_bytes(),
+        disk.total_bytes + 1,
+        "clones share it"
+    );
+    let provenance = Provenance {
+        source: "dicom".into(),
+        image_file: String::new(),
+        label_file: String::new(),
+        hospital: "north".into(),
+        imported_at_unix: 0,
+        tool_version: "t".into(),
+    };
+    let refusals = [
+        store
+            .import_case("c1", Split::Train, &ip, &lp, "north")
+            .unwrap_err(),
+        store
+            .import_volume("c2", Split::Train, &image, Some(&label), provenance.clone())
+            .unwrap_err(),
+        store
+            .replace_volume(
+                "c3",
+                Split::Train,
+                &image,
+                Some(&label),
+                provenance.clone(),
+                "more slices",
+            )
+            .unwrap_err(),
+        store
+            .put_checkpoint("run", &serde_json::json!({"step": 1}), &[7u8; 4096])
+            .unwrap_err(),
+    ];
+    for e in &refusals {
+        assert!(matches!(e, StoreError::DiskReserve { .. }), "{e}");
+        let text = format!("{e}: {}", std::error::Error::source(e).unwrap());
+        assert!(
+            text.contains("nothing written") && text.contains("not enough disk space"),
+            "{text}"
+        );
+        assert!(!e.is_refusal(), "a full disk stops a batch import");
+    }
+    assert_eq!(
+        snapshot(&store),
+        before,
+        "a refused write changed the store"
+    );
+    assert!(store.checkpoint_seqs("run").unwrap().is_empty());
+
+    // With room again, the same writes succeed.
+    store.set_reserve_bytes(0);
+    assert_eq!(
+        store
+            .import_case("c1", Split::Train, &ip, &lp, "north")
+            .unwrap(),
+        ImportOutcome::Imported
+    );
+    assert_eq!(
+        store
+            .put_checkpoint("run", &serde_json::json!({"step": 1}), &[7u8; 4096])
+            .unwrap(),
+        1
+    );
+}

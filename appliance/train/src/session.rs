@@ -14,8 +14,13 @@
 //! The whole state (weights, optimiser moments, step and the caller's strategy state as JSON) is
 //! saved into the store's checkpoints with the same safetensors helpers the local trainer uses,
 //! so a killed appliance resumes where it stopped.
+//!
+//! A session may be given a [`TrainingGate`] ([`Session::set_gate`]): before every step it reports
+//! the step boundary to the gate, which throttles it or parks it there (clinical work holds the
+//! gate; the hardware guards set it). Parking between steps changes nothing of the trajectory.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use candle_nn::VarMap;
@@ -31,6 +36,7 @@ use super::trainer::{
 use super::unet::{build, UNet};
 use super::{TrainConfig, TrainError};
 use cosilo_federation::weights::FlatWeights;
+use cosilo_hardware::gate::TrainingGate;
 
 /// Format number of a session checkpoint's metadata.
 const SESSION_FORMAT: u32 = 1;
@@ -82,6 +88,7 @@ pub struct Session {
     steps_per_epoch: usize,
     total_steps: usize,
     step: u64,
+    gate: Option<TrainingGate>,
 }
 
 impl Session {
@@ -119,6 +126,7 @@ impl Session {
             steps_per_epoch,
             set,
             step: 0,
+            gate: None,
         })
     }
 
@@ -128,6 +136,11 @@ impl Session {
     /// set it before [`Session::restore`] the same way on every start.
     pub fn set_schedule_steps(&mut self, total: usize) {
         self.total_steps = total.max(1);
+    }
+
+    /// Makes every step boundary go through `gate` (throttle, park while held).
+    pub fn set_gate(&mut self, gate: TrainingGate) {
+        self.gate = Some(gate);
     }
 
     /// The number of steps the learning-rate schedule spans.
@@ -186,8 +199,9 @@ impl Session {
         &self.vars
     }
 
-    /// Trains `n` more steps, continuing the optimiser and the schedule. Checks `stop` before
-    /// every step; a stopped call returns after the step in progress with `stopped: true`.
+    /// Trains `n` more steps, continuing the optimiser and the schedule. Checks `stop` and the
+    /// gate (which may throttle or park the thread) before every step; a stopped call returns
+    /// after the step in progress with `stopped: true`.
     pub fn steps(
         &mut self,
         n: usize,
@@ -199,11 +213,19 @@ impl Session {
         let mut stopped = false;
         let mut order_epoch = usize::MAX;
         let mut order = Vec::new();
+        let mut last_step = Duration::ZERO;
         for _ in 0..n {
             if stop.load(Ordering::SeqCst) {
                 stopped = true;
                 break;
             }
+            if let Some(gate) = &self.gate {
+                if gate.boundary(self.step, last_step, stop).stopped {
+                    stopped = true;
+                    break;
+                }
+            }
+            let t0 = Instant::now();
             let global = self.step as usize;
             let epoch = global / self.steps_per_epoch;
             let in_epoch = global % self.steps_per_epoch;
@@ -228,6 +250,7 @@ impl Session {
                 });
             }
             self.step += 1;
+            last_step = t0.elapsed();
             sum += loss.total as f64;
             done += 1;
             on_event(&StepEvent {
@@ -401,6 +424,75 @@ mod tests {
         assert_eq!(by_epochs.schedule_steps(), longer_schedule);
         by_epochs.steps(total, &mut |_| {}, &never).unwrap();
         assert_eq!(by_epochs.weights().unwrap().data, c.data);
+    }
+
+    #[test]
+    fn a_run_parked_mid_way_by_the_gate_ends_bit_identical() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        let cfg = toy_config();
+        let data: Vec<_> = (0..2).map(toy_volume).collect();
+        let never = AtomicBool::new(false);
+        let mut plain = Session::new(&cfg, &data, &Device::Cpu).unwrap();
+        plain.steps(12, &mut |_| {}, &never).unwrap();
+
+        let gate = TrainingGate::new();
+        let mut gated = Session::new(&cfg, &data, &Device::Cpu).unwrap();
+        gated.set_gate(gate.clone());
+        // The hold is taken from inside step 5 (as a clinical job arriving while the trainer is
+        // busy would): the gate has seen boundary 4 then, so parking at 5 is a latency of 1 step.
+        let slot: Arc<std::sync::Mutex<Option<cosilo_hardware::gate::GateHold>>> = Arc::default();
+        let (g2, slot2) = (gate.clone(), slot.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let trainer = std::thread::spawn(move || {
+            let mut steps_seen = Vec::new();
+            let r = gated
+                .steps(
+                    12,
+                    &mut |e| {
+                        steps_seen.push(e.global_step);
+                        if e.global_step == 5 {
+                            *slot2.lock().unwrap() = Some(g2.hold());
+                        }
+                    },
+                    &flag,
+                )
+                .unwrap();
+            (gated, r, steps_seen)
+        });
+        let long = Duration::from_secs(120);
+        let (parked, ok) = gate.wait_for(long, |s| s.parked);
+        assert!(ok, "never parked: {parked:?}");
+        assert_eq!(parked.boundary, 5, "{parked:?}");
+        assert_eq!(parked.last_pause_latency_steps, Some(1), "{parked:?}");
+        // While parked no step is taken (the boundary stays).
+        let (_, moved) = gate.wait_for(Duration::from_millis(300), |s| {
+            s.boundary != parked.boundary
+        });
+        assert!(!moved);
+        let hold = slot.lock().unwrap().take().expect("the hold was taken");
+        drop(hold);
+        let (gated, report, seen) = trainer.join().unwrap();
+        assert_eq!(report.steps, 12);
+        assert!(!report.stopped);
+        assert_eq!(seen, (1..=12).collect::<Vec<u64>>());
+        assert_eq!(gate.status().clinical_pauses, 1);
+        // Bit-identical to the uninterrupted run.
+        assert_eq!(gated.weights().unwrap().data, plain.weights().unwrap().data);
+
+        // A stop raised while parked ends the call at once, before any further step.
+        let mut parked_run = Session::new(&cfg, &data, &Device::Cpu).unwrap();
+        parked_run.set_gate(gate.clone());
+        let _hold = gate.hold();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let t = std::thread::spawn(move || parked_run.steps(5, &mut |_| {}, &flag).unwrap());
+        assert!(gate.wait_for(long, |s| s.parked).1);
+        stop.store(true, Ordering::SeqCst);
+        let r = t.join().unwrap();
+        assert!(r.stopped);
+        assert_eq!(r.steps, 0);
     }
 
     #[test]

@@ -30,11 +30,15 @@
 //! it is read onto that series' grid ([`cosilo_sdk::dicom::seg::read_seg`]) and the image is
 //! handed over again with its labels.
 //!
+//! `done/` is bounded by [`retention`] (age and size), which never removes a series a labelled
+//! case still needs.
+//!
 //! Nothing here handles patient identity: the instances were de-identified before the spool, and
 //! log lines name only pseudonymous UIDs and file names.
 
 mod assembler;
 mod files;
+pub mod retention;
 
 use std::path::PathBuf;
 use std::sync::Mutex;

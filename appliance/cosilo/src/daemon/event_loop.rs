@@ -24,6 +24,9 @@ use cosilo_federation::link::{self, Link, LinkConfig, LinkEvent, TlsConfig};
 use cosilo_federation::strategy::{self, Context, Input, StrategyKind};
 use cosilo_federation::weights::FlatWeights;
 use cosilo_federation::wire::{topics, Body, Control, SiteStatus};
+use cosilo_hardware::gate::TrainingGate;
+use cosilo_hardware::guard::{detect_gpu, GuardMonitor};
+use cosilo_hardware::SysRoot;
 use cosilo_store::Store;
 use cosilo_train::TrainConfig;
 
@@ -66,6 +69,8 @@ struct TrainerHandle {
     commands: std::sync::mpsc::Sender<Cmd>,
     replies: mpsc::UnboundedReceiver<Reply>,
     stop: Arc<AtomicBool>,
+    /// Reads the hardware and throttles or parks training through the gate while it lives.
+    _guards: GuardMonitor,
 }
 
 fn start_trainer(cfg: &SiteConfig, train_cfg: &TrainConfig) -> Result<TrainerHandle, DaemonError> {
@@ -74,6 +79,15 @@ fn start_trainer(cfg: &SiteConfig, train_cfg: &TrainConfig) -> Result<TrainerHan
         source,
     })?;
     let stop = Arc::new(AtomicBool::new(false));
+    let gate = TrainingGate::new();
+    let root = SysRoot::default();
+    let guards = GuardMonitor::spawn(
+        cfg.guards.clone(),
+        root.clone(),
+        detect_gpu(&root),
+        gate.clone(),
+    )
+    .map_err(DaemonError::Guards)?;
     let (commands, cmd_rx) = std::sync::mpsc::channel();
     let (reply_tx, replies) = mpsc::unbounded_channel();
     let spec = TrainerSpec {
@@ -84,6 +98,7 @@ fn start_trainer(cfg: &SiteConfig, train_cfg: &TrainConfig) -> Result<TrainerHan
         run: session_run(cfg),
         personal_run: personalised_run(cfg),
         stop: stop.clone(),
+        gate,
         classes: Classes::new(train_cfg, &cfg.federation.score_classes),
     };
     let thread = std::thread::Builder::new()
@@ -95,6 +110,7 @@ fn start_trainer(cfg: &SiteConfig, train_cfg: &TrainConfig) -> Result<TrainerHan
         commands,
         replies,
         stop,
+        _guards: guards,
     })
 }
 
@@ -196,6 +212,7 @@ pub(super) async fn run_site(
         commands,
         mut replies,
         stop,
+        _guards,
     } = start_trainer(&cfg, &train_cfg)?;
     let ready = ready(&mut replies).await?;
     let ctx = Context {

@@ -84,6 +84,8 @@ pub enum DaemonError {
     Train(#[source] TrainError),
     #[error("the trainer thread stopped unexpectedly")]
     TrainerGone,
+    #[error("cannot start the hardware guards: {0}")]
+    Guards(#[source] cosilo_hardware::HardwareError),
     #[error("cannot read this site's key or the roster: {0}")]
     Keys(#[from] KeysError),
     #[error("site {site:?} is not in the roster {roster}")]

@@ -62,6 +62,8 @@ pub(super) struct TrainerSpec {
     pub run: String,
     pub personal_run: String,
     pub stop: Arc<AtomicBool>,
+    /// Clinical work and the hardware guards throttle or park training through it.
+    pub gate: cosilo_hardware::gate::TrainingGate,
     /// The classes and the score the strategy ranks models by.
     pub classes: Classes,
 }
@@ -88,6 +90,7 @@ fn setup(spec: &TrainerSpec) -> Result<Opened, DaemonError> {
     };
     let mut session = Session::new(&spec.cfg, &train, &device).map_err(DaemonError::Train)?;
     session.set_schedule_steps(spec.schedule_steps);
+    session.set_gate(spec.gate.clone());
     let saved = session
         .restore(&StoreCheckpoints(&spec.store), &spec.run)
         .map_err(DaemonError::Train)?;
