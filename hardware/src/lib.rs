@@ -9,11 +9,14 @@
 //! - [`DiskReserve`]: the guard every writer of bulk data consults before writing.
 //! - [`durable`]: durable file writes (write, fsync, rename, fsync the directory), the one home of
 //!   the fsync discipline every crate that acknowledges data follows.
+//! - [`systemd`]: `sd_notify(3)` readiness, watchdog and stopping notifications to the service
+//!   manager (`Type=notify` units), over a Unix datagram socket.
 //!
 //! GPU, power and NVIDIA Jetson specifics follow in their own issue, behind cargo features with
 //! the same "not available" stand-in on machines without them.
 
 pub mod durable;
+pub mod systemd;
 
 use std::path::{Path, PathBuf};
 

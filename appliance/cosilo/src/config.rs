@@ -50,6 +50,48 @@ pub struct SiteConfig {
     pub broker: BrokerSection,
     #[serde(default)]
     pub train: TrainSection,
+    #[serde(default)]
+    pub status: StatusSection,
+}
+
+/// `[status]`: the status page, `/status.json` and the Prometheus metrics (`crate::status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusSection {
+    /// The local address served on ("" = off; port 0 = any free port, logged at start).
+    pub listen: String,
+    /// The bridge's write-back outbox, whose depth the metrics report ("" = none).
+    pub outbox_dir: PathBuf,
+}
+
+/// The status server's default address: loopback only, a fixed port.
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:9833";
+
+impl Default for StatusSection {
+    fn default() -> Self {
+        StatusSection {
+            listen: DEFAULT_STATUS_LISTEN.to_string(),
+            outbox_dir: PathBuf::new(),
+        }
+    }
+}
+
+impl StatusSection {
+    /// The address to serve on; None when off.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            invalid(
+                "status.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9833 (\"\" = off)",
+                    self.listen
+                ),
+            )
+        })
+    }
 }
 
 /// `[site]`.
@@ -204,6 +246,7 @@ impl SiteConfig {
         fix(&mut self.federation.key);
         fix(&mut self.broker.ca_file);
         fix(&mut self.train.config);
+        fix(&mut self.status.outbox_dir);
     }
 
     /// Checks every value for range and consistency.
@@ -287,6 +330,7 @@ impl SiteConfig {
                 ),
             ));
         }
+        self.status.listen_addr()?;
         self.train_config()?;
         Ok(())
     }
@@ -433,6 +477,11 @@ mod tests {
             ("port = 1883", "port = 0", "broker.port"),
             ("# base = 8", "base = 7", "train"),
             ("name = \"cosilo\"", "name = \"a/b\"", "federation.name"),
+            (
+                "listen = \"127.0.0.1:9833\"",
+                "listen = \"localhost\"",
+                "status.listen",
+            ),
         ];
         for (from, to, key) in cases {
             assert!(DEFAULT_SITE_TOML.contains(from), "{from}");
