@@ -157,12 +157,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The log filter without `RUST_LOG`: INFO, but the embedded broker (rumqttd) logs a few INFO
+/// lines per connection and subscription; those show only with `RUST_LOG=debug` (or
+/// `RUST_LOG=info,rumqttd=info`). Colours only on a terminal (the journal gets plain text).
+const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
