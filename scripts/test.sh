@@ -7,7 +7,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 # Real peers the tests start themselves: an MQTT broker, a PACS, DICOM tools and a DICOM validator.
-ensure_apt mosquitto orthanc dcmtk dicom3tools
+# The package test: lintian; the status page test: a real browser.
+ensure_apt mosquitto orthanc dcmtk dicom3tools lintian chromium
 ensure_python
 ensure_ort
 
@@ -32,6 +33,9 @@ say "cargo clippy --features cuda (the GPU build compiles; no GPU here)"
 
 say "fetch real anatomy into $COSILO_CACHE"
 cargo run --quiet --release -p cosilo-appliance -- data fetch
+
+say "the Debian package (images/test-package.sh)"
+bash images/test-package.sh
 
 say "cargo test"
 LOG="$(mktemp)"

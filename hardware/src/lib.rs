@@ -9,6 +9,8 @@
 //! - [`DiskReserve`]: the guard every writer of bulk data consults before writing.
 //! - [`durable`]: durable file writes (write, fsync, rename, fsync the directory), the one home of
 //!   the fsync discipline every crate that acknowledges data follows.
+//! - [`systemd`]: `sd_notify(3)` readiness, watchdog and stopping notifications to the service
+//!   manager (`Type=notify` units), over a Unix datagram socket.
 //!
 //! - [`gate`]: the training gate: clinical work holds it and the guards set it, so training
 //!   throttles or parks at a step boundary.
@@ -21,6 +23,7 @@ pub mod gate;
 pub mod guard;
 #[cfg(feature = "nvml")]
 pub mod nvml;
+pub mod systemd;
 
 use std::path::{Path, PathBuf};
 

@@ -53,6 +53,48 @@ pub struct SiteConfig {
     /// `[guards]`: thermal, memory and GPU guards that throttle or pause training.
     #[serde(default)]
     pub guards: cosilo_hardware::guard::GuardsConfig,
+    #[serde(default)]
+    pub status: StatusSection,
+}
+
+/// `[status]`: the status page, `/status.json` and the Prometheus metrics (`crate::status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusSection {
+    /// The local address served on ("" = off; port 0 = any free port, logged at start).
+    pub listen: String,
+    /// The bridge's write-back outbox, whose depth the metrics report ("" = none).
+    pub outbox_dir: PathBuf,
+}
+
+/// The status server's default address: loopback only, a fixed port.
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:9833";
+
+impl Default for StatusSection {
+    fn default() -> Self {
+        StatusSection {
+            listen: DEFAULT_STATUS_LISTEN.to_string(),
+            outbox_dir: PathBuf::new(),
+        }
+    }
+}
+
+impl StatusSection {
+    /// The address to serve on; None when off.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            invalid(
+                "status.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9833 (\"\" = off)",
+                    self.listen
+                ),
+            )
+        })
+    }
 }
 
 /// `[site]`.
@@ -207,6 +249,7 @@ impl SiteConfig {
         fix(&mut self.federation.key);
         fix(&mut self.broker.ca_file);
         fix(&mut self.train.config);
+        fix(&mut self.status.outbox_dir);
     }
 
     /// Checks every value for range and consistency.
@@ -290,6 +333,7 @@ impl SiteConfig {
                 ),
             ));
         }
+        self.status.listen_addr()?;
         self.train_config()?;
         self.guards
             .validate()
@@ -440,6 +484,11 @@ mod tests {
             ("# base = 8", "base = 7", "train"),
             ("name = \"cosilo\"", "name = \"a/b\"", "federation.name"),
             ("throttle_factor = 0.5", "throttle_factor = 2", "guards"),
+            (
+                "listen = \"127.0.0.1:9833\"",
+                "listen = \"localhost\"",
+                "status.listen",
+            ),
         ];
         for (from, to, key) in cases {
             assert!(DEFAULT_SITE_TOML.contains(from), "{from}");

@@ -12,6 +12,8 @@
 //! - [`local`]: one site's pipeline: store → training → evaluation → report.
 //! - [`bridge_sink`]: the PACS bridge's complete series become store cases.
 //! - [`demo`]: `cosilo demo`: three hospitals federated on one machine against local-only.
+//! - [`status`]: metrics, the status page and `/status.json` on a local address; `cosilo status`.
+//! - [`service`]: running under systemd: first-start keys, readiness and watchdog notifications.
 //! - [`plan`]: a federation laid out in one folder (stores, keys, roster, site configurations),
 //!   shared by the demo and the test harness.
 
@@ -21,3 +23,5 @@ pub mod daemon;
 pub mod demo;
 pub mod local;
 pub mod plan;
+pub mod service;
+pub mod status;

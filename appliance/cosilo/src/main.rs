@@ -11,11 +11,13 @@ mod cmd;
 use cmd::bridge::BridgeArgs;
 use cmd::data::DataCmd;
 use cmd::demo::DemoArgs;
+use cmd::ensure_keys::EnsureKeysArgs;
 use cmd::evaluate::EvalArgs;
 use cmd::export::ExportArgs;
 use cmd::import::ImportArgs;
 use cmd::run::RunArgs;
 use cmd::segment::SegmentArgs;
+use cmd::status::StatusArgs;
 use cmd::train::TrainArgs;
 use cmd::writeback::WritebackArgs;
 use cmd::BadConfig;
@@ -50,6 +52,9 @@ enum Command {
     },
     /// Run this appliance in its federation (or alone) as its site configuration says.
     Run(RunArgs),
+    /// What a running appliance is doing: members, round, Dice over rounds, queues,
+    /// temperatures, disk (from its status server, `[status] listen`).
+    Status(StatusArgs),
     /// Three hospitals federated on this machine: BrainTorrent against local-only training.
     Demo(DemoArgs),
     /// Import NIfTI image/label pairs into the store: one pair, or a cohort manifest.
@@ -80,6 +85,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// First start of a service: make this site's federation key and/or the bridge's
+    /// de-identification key when missing (0600; never overwritten). The systemd units run it.
+    EnsureKeys(EnsureKeysArgs),
     /// Real anatomy and simulated cohorts for experiments.
     Data {
         #[command(subcommand)]
@@ -121,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => cmd::run::run_site(args),
+        Command::Status(args) => cmd::status::status(args),
         Command::Demo(args) => {
             let opts = cosilo_appliance::demo::DemoOptions {
                 out: args.out,
@@ -143,16 +152,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", keys.roster_entry());
             Ok(())
         }
+        Command::EnsureKeys(args) => cmd::ensure_keys::ensure_keys(args),
         Command::Data { cmd } => cmd::data::data(cmd, &cache),
     }
 }
+
+/// The log filter without `RUST_LOG`: INFO, but the embedded broker (rumqttd) logs a few INFO
+/// lines per connection and subscription; those show only with `RUST_LOG=debug` (or
+/// `RUST_LOG=info,rumqttd=info`). Colours only on a terminal (the journal gets plain text).
+const DEFAULT_LOG_FILTER: &str = "info,rumqttd=warn";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {

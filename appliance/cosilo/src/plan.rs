@@ -154,6 +154,8 @@ impl FederationPlan {
         cfg.broker.host = "127.0.0.1".into();
         cfg.broker.port = broker_port;
         cfg.broker.max_packet_bytes = max_packet_bytes;
+        // Several sites on one machine: each status server on a free port (logged at start).
+        cfg.status.listen = "127.0.0.1:0".into();
         cfg
     }
 

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use cosilo_appliance::service::ServiceNotifier;
+
 use super::BadConfig;
 use super::StoreDir;
 
@@ -71,8 +73,13 @@ pub(crate) fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
         args.hospital,
     ));
     let shutdown = Arc::new(AtomicBool::new(false));
+    // Under systemd (Type=notify): READY once the SCP accepts associations, WATCHDOG while the
+    // process runs, STOPPING on SIGTERM.
+    let notifier = ServiceNotifier::from_env();
+    let watchdog = notifier.spawn_watchdog(shutdown.clone(), || true);
     {
         let shutdown = shutdown.clone();
+        let notifier = notifier.clone();
         std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -88,12 +95,19 @@ pub(crate) fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
                     _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
                 }
             });
+            notifier.stopping("stopping: finishing running associations");
             shutdown.store(true, Ordering::SeqCst);
         });
     }
     let report = Bridge::run(&cfg, sink, &shutdown, |addr| {
         println!("listening on {addr}");
-    })?;
+        notifier.ready(&format!("listening on {addr}"));
+    });
+    shutdown.store(true, Ordering::SeqCst);
+    if let Some(w) = watchdog {
+        let _ = w.join();
+    }
+    let report = report?;
     println!(
         "bridge stopped: {} series imported, {} refused",
         report.imported.len(),

@@ -6,11 +6,13 @@ pub(crate) mod bridge;
 pub(crate) mod cases;
 pub(crate) mod data;
 pub(crate) mod demo;
+pub(crate) mod ensure_keys;
 pub(crate) mod evaluate;
 pub(crate) mod export;
 pub(crate) mod import;
 pub(crate) mod run;
 pub(crate) mod segment;
+pub(crate) mod status;
 pub(crate) mod train;
 pub(crate) mod writeback;
 

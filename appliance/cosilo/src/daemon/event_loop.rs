@@ -18,6 +18,7 @@ use super::trainer::{self, Cmd, Reply, TrainerSpec};
 use super::{personalised_run, session_run, DaemonError, DaemonState, RunSummary, Site};
 use super::{Membership, ModelShape};
 use crate::config::SiteConfig;
+use crate::status::Board;
 use cosilo_federation::broker::EmbeddedBroker;
 use cosilo_federation::keys::{Roster, SiteKeys};
 use cosilo_federation::link::{self, Link, LinkConfig, LinkEvent, TlsConfig};
@@ -198,6 +199,7 @@ async fn connect(cfg: &SiteConfig) -> Result<Connection, DaemonError> {
 pub(super) async fn run_site(
     cfg: SiteConfig,
     shutdown: impl Future<Output = ()>,
+    board: Arc<Board>,
 ) -> Result<RunSummary, DaemonError> {
     let t0 = Instant::now();
     cfg.validate()?;
@@ -256,10 +258,12 @@ pub(super) async fn run_site(
         site,
         stop,
         shutting_down: false,
+        board,
     };
     let finished = lp.run(shutdown, events, replies).await?;
     let mut site = lp.site;
     site.leave(finished).await?;
+    site.report(&lp.board, finished);
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     Ok(site.summary(finished, ready.test_cases, t0))
 }
@@ -279,6 +283,8 @@ struct EventLoop {
     site: Site,
     stop: Arc<AtomicBool>,
     shutting_down: bool,
+    /// The status board, told the site's progress on every tick.
+    board: Arc<Board>,
 }
 
 impl EventLoop {
@@ -406,6 +412,7 @@ impl EventLoop {
     }
 
     async fn tick(&mut self) -> Result<Flow, DaemonError> {
+        self.site.report(&self.board, false);
         if !self.shutting_down {
             let expired = self.site.inb.reassembler.expire(Instant::now());
             for (origin, id) in expired {

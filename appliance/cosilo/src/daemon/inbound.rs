@@ -3,11 +3,13 @@
 //! survives handed to the strategy. A refusal is counted and logged with its reason; it never
 //! reaches a model.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
 use super::outbound::now_ms;
+use super::report::PeerSeen;
 use super::{DaemonError, Site};
 use cosilo_federation::keys::Roster;
 use cosilo_federation::strategy::{Input, PeerModel, PeerStatus, Purpose};
@@ -45,7 +47,21 @@ pub(super) struct Inbound {
     pub own_seq_floor: u64,
     /// Messages refused (bad signature, non-member, replay, malformed, wrong model).
     pub refused: u64,
+    /// The same, by reason (the `reason` label of the refused-messages metric).
+    pub refused_by: BTreeMap<&'static str, u64>,
     pub bytes_received: u64,
+    /// Each peer's last presence message.
+    pub seen: BTreeMap<String, PeerSeen>,
+}
+
+impl Inbound {
+    /// Counts a refusal for `reason`: "unopened" (signature, membership or format), "replay",
+    /// "relayed" (a chunk of another site's update), "architecture" (another model's layout),
+    /// "chunk" (reassembly), "weights" (the decoded update).
+    fn refuse(&mut self, reason: &'static str) {
+        self.refused += 1;
+        *self.refused_by.entry(reason).or_default() += 1;
+    }
 }
 
 impl Site {
@@ -70,6 +86,15 @@ impl Site {
         }
         match env.body {
             Body::Presence(p) => {
+                self.inb.seen.insert(
+                    env.sender.clone(),
+                    PeerSeen {
+                        status: p.status,
+                        round: p.round,
+                        model_version: p.model_version,
+                        at: Instant::now(),
+                    },
+                );
                 let input = Input::Presence {
                     site: env.sender,
                     status: peer_status(p.status),
@@ -126,7 +151,7 @@ impl Site {
             Ok(e) => e,
             Err(e) => {
                 inb.bytes_received += payload.len() as u64;
-                inb.refused += 1;
+                inb.refuse("unopened");
                 warn!(%topic, reason = %e, "refused a message");
                 return None;
             }
@@ -144,7 +169,7 @@ impl Site {
             }
             Err(e) => {
                 if !retained {
-                    inb.refused += 1;
+                    inb.refuse("replay");
                     warn!(%topic, sender = %env.sender, reason = %e, "refused a message");
                 }
                 None
@@ -157,12 +182,12 @@ impl Site {
     async fn update_chunk(&mut self, sender: &str, chunk: UpdateChunk) -> Result<(), DaemonError> {
         let inb = &mut self.inb;
         if chunk.update.origin != sender {
-            inb.refused += 1;
+            inb.refuse("relayed");
             warn!(%sender, origin = %chunk.update.origin, "refused a chunk relayed for another site");
             return Ok(());
         }
         if chunk.update.layout_digest != self.out.layout.digest() {
-            inb.refused += 1;
+            inb.refuse("architecture");
             warn!(%sender, "refused an update for another model architecture");
             return Ok(());
         }
@@ -170,7 +195,7 @@ impl Site {
             Ok(Some(c)) => c,
             Ok(None) => return Ok(()),
             Err(e) => {
-                inb.refused += 1;
+                inb.refuse("chunk");
                 warn!(%sender, reason = %e, "refused a chunk");
                 return Ok(());
             }
@@ -180,7 +205,7 @@ impl Site {
         let weights = match EncodedWeights::check(complete.payload, h.format, numel) {
             Ok(w) => w,
             Err(e) => {
-                inb.refused += 1;
+                inb.refuse("weights");
                 warn!(sender = %h.origin, reason = %e, "refused an update");
                 return Ok(());
             }

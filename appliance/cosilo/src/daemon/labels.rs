@@ -28,6 +28,11 @@ impl Classes {
         }
     }
 
+    /// The class names, background first.
+    pub(crate) fn names(&self) -> &[String] {
+        &self.names
+    }
+
     /// The number of classes.
     pub(crate) fn len(&self) -> usize {
         self.names.len()

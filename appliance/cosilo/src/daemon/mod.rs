@@ -31,11 +31,13 @@
 //! - [`rounds`]: carrying out the strategy's actions, round bookkeeping, personalisation.
 //! - [`labels`]: the class names and the score, from the training and site configuration.
 //! - [`event_loop`]: setup, and the `select!` over shutdown, link, trainer and clock.
+//! - [`report`]: the site's progress for the status board (page, `/status.json`, metrics).
 
 mod event_loop;
 mod inbound;
 mod labels;
 mod outbound;
+mod report;
 mod rounds;
 #[cfg(test)]
 mod tests;
@@ -43,6 +45,7 @@ mod trainer;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +53,7 @@ use tracing::{info_span, Instrument};
 
 use crate::config::{ConfigError, SiteConfig};
 use crate::local::LocalError;
+use crate::status::Board;
 use cosilo_federation::broker::BrokerError;
 use cosilo_federation::keys::{KeysError, Roster, SiteKeys};
 use cosilo_federation::link::{Link, LinkError};
@@ -243,7 +247,9 @@ impl Site {
             }),
             own_seq_floor: saved.seq.max(now_ms().saturating_mul(1000)),
             refused: 0,
+            refused_by: Default::default(),
             bytes_received: 0,
+            seen: Default::default(),
         };
         let book = RoundBook::new(saved.rounds, saved.initial_dice, fed.personalise_steps > 0);
         Site {
@@ -275,10 +281,14 @@ impl Site {
 }
 
 /// Runs the site until its strategy finishes or `shutdown` completes.
+/// `board` receives the run's progress for the status page and metrics (`crate::status`).
 pub async fn run(
     cfg: SiteConfig,
     shutdown: impl Future<Output = ()>,
+    board: Arc<Board>,
 ) -> Result<RunSummary, DaemonError> {
     let span = info_span!("site", id = %cfg.site.id, strategy = cfg.federation.strategy.name());
-    event_loop::run_site(cfg, shutdown).instrument(span).await
+    event_loop::run_site(cfg, shutdown, board)
+        .instrument(span)
+        .await
 }
