@@ -12,6 +12,7 @@
 //! - [`local`]: one site's pipeline: store → training → evaluation → report.
 //! - [`bridge_sink`]: the PACS bridge's complete series become store cases.
 //! - [`demo`]: `cosilo demo`: three hospitals federated on one machine against local-only.
+//! - [`kit`]: `cosilo federation`: a declared federation's site configurations and kits.
 //! - [`plan`]: a federation laid out in one folder (stores, keys, roster, site configurations),
 //!   shared by the demo and the test harness.
 
@@ -19,5 +20,6 @@ pub mod bridge_sink;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod kit;
 pub mod local;
 pub mod plan;
