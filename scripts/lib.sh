@@ -35,11 +35,15 @@ ensure_python() {
     say "creating $ROOT/.venv"
     python3 -m venv "$ROOT/.venv" 2>/dev/null || { ensure_apt python3-venv; python3 -m venv "$ROOT/.venv"; }
   fi
-  if ! "$COSILO_PYTHON" -c 'import onnx, onnxruntime, numpy, nibabel, pydicom, highdicom, pynetdicom' 2>/dev/null; then
+  if ! "$COSILO_PYTHON" -c 'import onnx, onnxruntime, numpy, nibabel, pydicom, highdicom, pynetdicom, maturin, pytest, nbclient, nbformat, ipykernel, matplotlib' 2>/dev/null; then
     say "pip install the Python reference tools"
+    # maturin builds the `cosilo` wheel (python/); pytest, nbclient (+ nbformat, ipykernel) and
+    # matplotlib run its tests and examples/federation.ipynb.
     "$COSILO_PYTHON" -m pip install -q --disable-pip-version-check \
       onnx==1.23.2 onnxruntime==1.31.1 numpy==2.4.6 nibabel==5.4.2 \
-      pydicom==3.0.2 highdicom==0.28.2 pynetdicom==3.0.4
+      pydicom==3.0.2 highdicom==0.28.2 pynetdicom==3.0.4 \
+      maturin==1.16.0 pytest==9.2.0 nbclient==0.11.0 nbformat==5.11.1 ipykernel==7.4.0 \
+      matplotlib==3.11.2
   fi
 }
 

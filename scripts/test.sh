@@ -41,6 +41,16 @@ say "cargo test"
 LOG="$(mktemp)"
 cargo test --workspace --release 2>&1 | tee "$LOG"
 
+# The Python package: the abi3 wheel (maturin, sharing the workspace's target folder so only
+# pyo3, numpy and the bindings compile on top), its lints, pytest and the notebook
+# (python/tests/test_notebook.py runs examples/federation.ipynb headless with nbclient).
+say "Python: cosilo wheel, pytest, examples/federation.ipynb"
+cargo fmt --manifest-path python/Cargo.toml -- --check
+CARGO_TARGET_DIR="$ROOT/target" cargo clippy --manifest-path python/Cargo.toml --release --quiet -- -D warnings
+(cd python && CARGO_TARGET_DIR="$ROOT/target" "$(dirname "$COSILO_PYTHON")/maturin" build --release --strip --quiet -o "$ROOT/target/wheels")
+"$COSILO_PYTHON" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$ROOT"/target/wheels/cosilo-*.whl
+COSILO_BIN="$ROOT/target/release/cosilo" "$COSILO_PYTHON" -m pytest -q python/tests
+
 # One closing line over every test binary (cargo's own last line is often a doc-test binary
 # with nothing in it).
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$LOG"

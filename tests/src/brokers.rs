@@ -166,6 +166,42 @@ impl Mosquitto {
                 ca.server_key.display()
             ));
         }
+        Self::launch(dir, port, max_packet_size, conf)
+    }
+
+    /// Starts Mosquitto with a configuration `cosilo federation` wrote (`conf`: its listener on
+    /// `port`, TLS, ACL, CRL), adding persistence and the log in a temporary directory.
+    pub fn start_provisioned(conf: &Path, port: u16, max_packet_size: usize) -> Result<Mosquitto> {
+        if !Path::new(MOSQUITTO).exists() {
+            bail!("{MOSQUITTO} not found: install the broker with `apt-get install mosquitto`");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("cosilo-mosquitto-")
+            .tempdir()
+            .context("creating the broker's temp dir")?;
+        let provisioned =
+            std::fs::read_to_string(conf).with_context(|| format!("reading {}", conf.display()))?;
+        let mut text = format!(
+            "persistence true\n\
+             persistence_location {dir}/\n\
+             autosave_interval 1\n\
+             log_dest file {dir}/mosquitto.log\n\
+             log_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
+            dir = dir.path().display(),
+        );
+        if running_as_root() {
+            text.push_str("user root\n");
+        }
+        text.push_str(&provisioned);
+        Self::launch(dir, port, max_packet_size, text)
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        port: u16,
+        max_packet_size: usize,
+        conf: String,
+    ) -> Result<Mosquitto> {
         let conf_path = dir.path().join("mosquitto.conf");
         std::fs::write(&conf_path, conf)
             .with_context(|| format!("writing {}", conf_path.display()))?;

@@ -2,7 +2,8 @@
 //! conventions: the crate graph from `cargo metadata`, and which sources name `sled` and `rumqttc`.
 //!
 //! - `sdk`, `hardware` and `bridge` never depend on the appliance's crates.
-//! - The federation crate depends on neither candle nor sled (not even transitively).
+//! - The federation crate depends on neither candle nor sled (not even transitively); nor does
+//!   the provisioning crate, which sits on the federation crate.
 //! - Only the store crate names `sled`; only the federation's MQTT link names `rumqttc`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,8 +14,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 /// The appliance's crates: nothing below them may depend on them.
-const APPLIANCE_CRATES: [&str; 6] = [
+const APPLIANCE_CRATES: [&str; 7] = [
     "cosilo-appliance",
+    "cosilo-provision",
     "cosilo-store",
     "cosilo-train",
     "cosilo-federation",
@@ -120,6 +122,25 @@ fn federation_crate_depends_on_neither_candle_nor_sled() -> Result<()> {
     }
     // And the training crate does reach candle (the walk is not vacuous).
     assert!(closure(&graph, "cosilo-train").contains("candle-core"));
+    Ok(())
+}
+
+#[test]
+fn provisioning_depends_on_the_federation_crate_and_lower_only() -> Result<()> {
+    let graph = dependency_graph()?;
+    let reach = closure(&graph, "cosilo-provision");
+    assert!(reach.contains("cosilo-federation") && reach.contains("rcgen"));
+    for banned in [
+        "candle-core",
+        "candle-nn",
+        "sled",
+        "cosilo-train",
+        "cosilo-store",
+        "cosilo-appliance",
+        "cosilo-lab",
+    ] {
+        assert!(!reach.contains(banned), "cosilo-provision reaches {banned}");
+    }
     Ok(())
 }
 

@@ -186,6 +186,17 @@ pub struct BrokerSection {
     /// A CA certificate (PEM) for TLS; empty = plain TCP.
     #[serde(default)]
     pub ca_file: PathBuf,
+    /// This site's TLS client certificate (PEM) for a broker that requires one (mutual TLS,
+    /// `cosilo federation install` sets it); empty = none. Needs `ca_file` and `client_key`.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
+    pub client_cert: PathBuf,
+    /// The private key (PEM) of `client_cert`.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
+    pub client_key: PathBuf,
+}
+
+fn is_empty_path(p: &Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 /// `[train]`: a training configuration file and single overrides.
@@ -248,6 +259,8 @@ impl SiteConfig {
         fix(&mut self.federation.roster);
         fix(&mut self.federation.key);
         fix(&mut self.broker.ca_file);
+        fix(&mut self.broker.client_cert);
+        fix(&mut self.broker.client_key);
         fix(&mut self.train.config);
         fix(&mut self.status.outbox_dir);
     }
@@ -334,6 +347,19 @@ impl SiteConfig {
             ));
         }
         self.status.listen_addr()?;
+        let b = &self.broker;
+        if is_empty_path(&b.client_cert) != is_empty_path(&b.client_key) {
+            return Err(invalid(
+                "broker.client_cert / client_key",
+                "give both or neither",
+            ));
+        }
+        if !is_empty_path(&b.client_cert) && is_empty_path(&b.ca_file) {
+            return Err(invalid(
+                "broker.client_cert",
+                "a client certificate needs TLS: set broker.ca_file",
+            ));
+        }
         self.train_config()?;
         self.guards
             .validate()

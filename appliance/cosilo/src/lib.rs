@@ -14,6 +14,7 @@
 //! - [`demo`]: `cosilo demo`: three hospitals federated on one machine against local-only.
 //! - [`status`]: metrics, the status page and `/status.json` on a local address; `cosilo status`.
 //! - [`service`]: running under systemd: first-start keys, readiness and watchdog notifications.
+//! - [`kit`]: `cosilo federation`: a declared federation's site configurations and kits.
 //! - [`plan`]: a federation laid out in one folder (stores, keys, roster, site configurations),
 //!   shared by the demo and the test harness.
 
@@ -21,6 +22,7 @@ pub mod bridge_sink;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod kit;
 pub mod local;
 pub mod plan;
 pub mod service;

@@ -88,6 +88,11 @@ enum Command {
     /// First start of a service: make this site's federation key and/or the bridge's
     /// de-identification key when missing (0600; never overwritten). The systemd units run it.
     EnsureKeys(EnsureKeysArgs),
+    /// Provision a federation declared in one file: init, request, admit, install, remove.
+    Federation {
+        #[command(subcommand)]
+        cmd: cmd::federation::FederationCommand,
+    },
     /// Real anatomy and simulated cohorts for experiments.
     Data {
         #[command(subcommand)]
@@ -111,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_else(cosilo_lab::fetch::default_cache_dir);
     match cli.command {
         Command::Import(args) => cmd::import::import(args),
+        Command::Federation { cmd } => cmd::federation::run(cmd),
         Command::Bridge(args) => cmd::bridge::bridge(args),
         Command::Cases { cmd, store } => cmd::cases::run(&store.path, cmd),
         Command::Writeback(args) => cmd::writeback::writeback(args),

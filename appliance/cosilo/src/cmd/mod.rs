@@ -9,6 +9,7 @@ pub(crate) mod demo;
 pub(crate) mod ensure_keys;
 pub(crate) mod evaluate;
 pub(crate) mod export;
+pub(crate) mod federation;
 pub(crate) mod import;
 pub(crate) mod run;
 pub(crate) mod segment;

@@ -186,13 +186,17 @@ async fn connect(cfg: &SiteConfig) -> Result<Connection, DaemonError> {
     if !cfg.broker.ca_file.as_os_str().is_empty() {
         lc.tls = Some(TlsConfig {
             ca_file: cfg.broker.ca_file.clone(),
-            client_cert: None,
-            client_key: None,
+            client_cert: non_empty(&cfg.broker.client_cert),
+            client_key: non_empty(&cfg.broker.client_key),
         });
     }
     let (link, events) =
         link::connect(&lc, topics::member_filters(&cfg.federation.name), None).await?;
     Ok((broker, Some(link), Some(events)))
+}
+
+fn non_empty(p: &std::path::Path) -> Option<std::path::PathBuf> {
+    (!p.as_os_str().is_empty()).then(|| p.to_path_buf())
 }
 
 /// Runs the site until its strategy finishes or `shutdown` completes.
