@@ -6,6 +6,8 @@
 //! - [`volume`]: volumes with their world geometry, NIfTI-1 in and out.
 //! - [`preprocess`]: the intensity normalisation shared with training.
 //! - [`bundle`]: the exported model bundle (`model.onnx` + `manifest.json`) and its manifest.
+//! - [`route`]: FedSM's site selector run through ONNX Runtime, and the rule that routes a study to
+//!   the personalised or the global model.
 //! - [`segment`]: [`Segmenter`] runs a bundle through ONNX Runtime: volume in, labels out on the
 //!   input's geometry.
 //!
@@ -14,6 +16,7 @@
 pub mod bundle;
 pub mod dicom;
 pub mod preprocess;
+pub mod route;
 pub mod segment;
 pub mod volume;
 

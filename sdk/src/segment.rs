@@ -141,7 +141,7 @@ pub fn init_onnx_runtime(explicit: Option<&Path>) -> Result<PathBuf, SegmentErro
 }
 
 /// The process's ONNX Runtime environment, created on first use.
-fn runtime(
+pub(crate) fn runtime(
     explicit: Option<&Path>,
 ) -> Result<(PathBuf, ort::environment::Environment), SegmentError> {
     let tried = ort_library_candidates(explicit);

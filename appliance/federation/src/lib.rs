@@ -6,6 +6,7 @@
 //! - [`keys`]: a site's Ed25519 key pair and the federation's roster of sites and public keys.
 //! - [`weights`]: flat model parameters, their wire formats (f32, f16, f16+zstd) and checks.
 //! - [`aggregate`]: the one streaming weighted-average kernel every strategy uses.
+//! - [`fedsm`]: FedSM's SoftPull over the newest personalised models received from peers.
 //! - [`link`]: the MQTT connection (the only module that names `rumqttc`).
 //! - [`broker`]: the embedded MQTT broker (rumqttd) for zero-setup, one-machine federations.
 //! - [`strategy`]: BrainTorrent, FedAvg, CIIL/IIL and local-only, as state machines, and the
@@ -16,6 +17,7 @@
 
 pub mod aggregate;
 pub mod broker;
+pub mod fedsm;
 pub mod keys;
 pub mod link;
 pub mod strategy;

@@ -691,3 +691,92 @@ fn fast_ops_follow_the_reference_loss_curve() {
     }
     assert!(fast[4] < fast[0], "the loss should fall: {fast:?}");
 }
+
+// The site selector (FedSM) adds three ops to those above: the global average pool (candle's
+// `mean` over the flattened spatial axis), the linear layer (`matmul` with the transposed weight
+// + bias) and the classification loss (candle-nn's `cross_entropy`: log-softmax + gather).
+
+#[test]
+fn selector_global_average_pool_and_linear() {
+    let x = random(&[2, 3, 4, 6], &mut Rng::new(40));
+    check(
+        "global average pool",
+        &x,
+        &|t| t.flatten_from(2).unwrap().mean(2).unwrap(),
+        30,
+        41,
+    );
+    let pooled = random(&[5, 3], &mut Rng::new(42));
+    let w = random(&[4, 3], &mut Rng::new(43));
+    let b = random(&[4], &mut Rng::new(44));
+    let linear = |x: &Tensor, w: &Tensor, b: &Tensor| {
+        candle_nn::Linear::new(w.clone(), Some(b.clone()))
+            .forward(x)
+            .unwrap()
+    };
+    check("linear input", &pooled, &|t| linear(t, &w, &b), 15, 45);
+    check("linear weight", &w, &|t| linear(&pooled, t, &b), 12, 46);
+    check("linear bias", &b, &|t| linear(&pooled, &w, t), 4, 47);
+}
+
+#[test]
+fn selector_cross_entropy() {
+    let logits = random(&[6, 3], &mut Rng::new(50));
+    let sites = [0u32, 2, 1, 1, 0, 2];
+    check(
+        "selector cross-entropy",
+        &logits,
+        &|t| {
+            crate::selector::cross_entropy(t, &sites)
+                .unwrap()
+                .reshape(1)
+                .unwrap()
+        },
+        18,
+        51,
+    );
+}
+
+#[test]
+fn whole_selector_gradients_fast_and_reference() {
+    use crate::selector::{build, SelectorConfig};
+    let cfg = SelectorConfig {
+        in_channels: 1,
+        sites: 3,
+        base: 4,
+        depth: 2,
+        groups: 2,
+    };
+    let (net, vars) = build(&cfg, &Device::Cpu, DType::F64, 52).unwrap();
+    let x = random(&[2, 1, 8, 8], &mut Rng::new(53));
+    for kind in [Ops::Fast, Ops::Reference] {
+        check(
+            &format!("selector {kind:?}"),
+            &x,
+            &|t| net.forward_with(t, kind).unwrap(),
+            30,
+            54,
+        );
+    }
+    // Fast and reference compute the same function, and the loss reaches every parameter.
+    let fast = net.forward_with(&x, Ops::Fast).unwrap();
+    let slow = net.forward_with(&x, Ops::Reference).unwrap();
+    let diff: f64 = (fast - slow)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-10, "fast vs reference selector: {diff}");
+    let loss = crate::selector::cross_entropy(&net.forward(&x).unwrap(), &[1, 2]).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in vars.data().lock().unwrap().iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm: f64 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(norm.is_finite(), "{name}: {norm}");
+    }
+}

@@ -10,6 +10,7 @@
 //! - [`eval`]: whole-volume prediction and 3-D Dice.
 //! - [`export`]: writes a trained model as an ONNX bundle the SDK can run.
 //! - [`flat`]: a model's variables as the federation's flat weights, and back.
+//! - [`selector`]: FedSM's site selector (a small K-way image classifier) and its local epoch.
 //! - `gradcheck` (tests): finite-difference checks of every op the model's gradient uses.
 //!
 //! Training is CPU-bound and runs on the caller's thread; the daemon gives it a thread of its own.
@@ -21,6 +22,7 @@ pub mod flat;
 pub mod loss;
 pub mod ops;
 pub mod optim;
+pub mod selector;
 pub mod session;
 pub mod trainer;
 pub mod unet;

@@ -99,9 +99,9 @@ pub enum Ops {
     Reference,
 }
 
-/// conv3×3 → GroupNorm → ReLU.
+/// conv3×3 → GroupNorm → ReLU (also the site selector's block, [`crate::selector`]).
 #[derive(Debug, Clone)]
-struct ConvBlock {
+pub(crate) struct ConvBlock {
     conv: Conv2d,
     norm: GroupNorm,
     groups: usize,
@@ -111,7 +111,13 @@ struct ConvBlock {
 }
 
 impl ConvBlock {
-    fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder, a: usize) -> Result<Self> {
+    pub(crate) fn new(
+        cin: usize,
+        cout: usize,
+        groups: usize,
+        vb: VarBuilder,
+        a: usize,
+    ) -> Result<Self> {
         let cfg = Conv2dConfig {
             padding: 1,
             ..Default::default()
@@ -131,7 +137,7 @@ impl ConvBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, kind: Ops) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, kind: Ops) -> Result<Tensor> {
         match (kind, self.conv.bias()) {
             (Ops::Fast, Some(bias)) => ops::conv_group_norm_relu(
                 x,

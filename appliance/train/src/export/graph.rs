@@ -32,20 +32,20 @@ pub const GROUP_NORM_EPS: f32 = 1e-5;
 
 const INPUT: &str = cosilo_sdk::bundle::INPUT_NAME;
 const OUTPUT: &str = cosilo_sdk::bundle::OUTPUT_NAME;
-const GROUPED_SHAPE: &str = "groupnorm.grouped_shape";
-const UNIT_SCALE: &str = "groupnorm.unit_scale";
-const ZERO_BIAS: &str = "groupnorm.zero_bias";
+pub(super) const GROUPED_SHAPE: &str = "groupnorm.grouped_shape";
+pub(super) const UNIT_SCALE: &str = "groupnorm.unit_scale";
+pub(super) const ZERO_BIAS: &str = "groupnorm.zero_bias";
 
-/// Nodes and initializers as they are added.
-struct Builder<'a> {
-    vars: &'a VarMap,
-    nodes: Vec<NodeProto>,
-    initializers: Vec<TensorProto>,
-    parameters: usize,
+/// Nodes and initializers as they are added (also used by the selector's graph, `super::selector`).
+pub(super) struct Builder<'a> {
+    pub(super) vars: &'a VarMap,
+    pub(super) nodes: Vec<NodeProto>,
+    pub(super) initializers: Vec<TensorProto>,
+    pub(super) parameters: usize,
 }
 
 impl Builder<'_> {
-    fn node(
+    pub(super) fn node(
         &mut self,
         op: &str,
         name: &str,
@@ -66,7 +66,7 @@ impl Builder<'_> {
 
     /// Adds parameter `name` as an initializer, checking it has `shape` in the var map and storing
     /// it as `stored_shape` (same element count).
-    fn parameter(
+    pub(super) fn parameter(
         &mut self,
         name: &str,
         shape: &[usize],
@@ -111,7 +111,7 @@ impl Builder<'_> {
     }
 
     /// conv3×3 → GroupNorm → ReLU; `p` is e.g. `enc0`, `a` the block index.
-    fn conv_block(
+    pub(super) fn conv_block(
         &mut self,
         x: &str,
         p: &str,

@@ -2,6 +2,7 @@
 //!
 //! - [`proto`]: the ONNX protobuf messages, hand-written for prost (no protoc at build time).
 //! - [`graph`]: the U-Net as an opset-17 ONNX graph, node for node the candle maths.
+//! - [`selector`]: FedSM's site selector as an ONNX graph (the routed bundle's third model).
 //!
 //! The ONNX model takes `image` float32 `[N, in_channels, H, W]` (N, H, W symbolic; H and W
 //! multiples of `2^depth`) and gives `probabilities` float32 `[N, classes, H, W]`. ONNX Runtime's
@@ -21,6 +22,7 @@
 
 pub mod graph;
 pub mod proto;
+pub mod selector;
 
 use std::path::{Path, PathBuf};
 
