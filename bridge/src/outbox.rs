@@ -14,8 +14,9 @@
 //! exponentially: `base_delay * 2^(attempts-1)`, capped at `max_delay`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use cosilo_hardware::clock::now_ms;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -122,13 +123,6 @@ pub enum OutboxError {
 pub struct Outbox {
     dir: PathBuf,
     policy: RetryPolicy,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), OutboxError> {

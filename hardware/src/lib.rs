@@ -9,11 +9,15 @@
 //! - [`DiskReserve`]: the guard every writer of bulk data consults before writing.
 //! - [`durable`]: durable file writes (write, fsync, rename, fsync the directory), the one home of
 //!   the fsync discipline every crate that acknowledges data follows.
+//! - [`clock`]: the wall clock in milliseconds since the Unix epoch, as records store it.
+//! - [`error_text`]: an error and its sources as one line, for logs and reasons kept on disk.
 //!
 //! GPU, power and NVIDIA Jetson specifics follow in their own issue, behind cargo features with
 //! the same "not available" stand-in on machines without them.
 
+pub mod clock;
 pub mod durable;
+pub mod error_text;
 
 use std::path::{Path, PathBuf};
 
