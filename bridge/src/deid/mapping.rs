@@ -247,13 +247,13 @@ mod tests {
             2,
             "one sync for the deferred lines, none when clean"
         );
-        // A new durable pair syncs (and carries any deferred line written before it).
+        // A deferred line, then a durable pair: its sync carries the deferred line too.
         m.record(&[], &[pair("uid:2.25.20", "1.2.3.20")]).unwrap();
         m.recover(&[pair("uid:2.25.21", "1.2.3.21")]).unwrap();
         assert_eq!(m.syncs(), 3);
         drop(m);
         let back = MappingStore::open(d.path()).unwrap();
-        assert_eq!(back.len(), 13);
+        assert_eq!(back.len(), 14, "2 series pairs, instances 10..=21");
         assert_eq!(back.original_uid("2.25.15").as_deref(), Some("1.2.3.15"));
         assert_eq!(back.original_patient("P1").as_deref(), Some("MRN-1"));
     }
