@@ -4,8 +4,9 @@
 #   storescp        dcmtk's storescp writing to disk (no sync)
 #   orthanc         Orthanc (Debian's; SyncStorageArea true by default: one sync per stored file),
 #                   started per repetition with a fresh storage folder and TCP_NODELAY=1
-#   cosilo          what `cosilo bridge` runs: de-identification (pseudonym table fdatasync) +
-#                   durable spool (journal append + fdatasync) + assembler: two syncs per instance
+#   cosilo          what `cosilo bridge` runs: de-identification (pseudonym table: one fdatasync
+#                   per series, instance lines synced every second) + durable spool (journal
+#                   append + fdatasync) + assembler: one sync per instance
 #   cosilo-spool    the durable spool alone (one journal append + fdatasync per instance)
 #   cosilo-nofsync  the same SCP with a benchmark-only sink that skips fsync like storescp does
 # Load average printed per repetition, fresh output directory per repetition.

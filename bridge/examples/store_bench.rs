@@ -2,8 +2,10 @@
 //! stdin closes, with one of three sinks:
 //!
 //! - `--deid`: what `cosilo bridge` runs, [`DeidSink`]: de-identification with the pseudonym
-//!   table (its own fdatasync when an instance brings new pseudonyms, i.e. every new instance),
-//!   then the durable [`SpoolSink`] (one journal append + fdatasync), then the assembler;
+//!   table (its own fdatasync only when an instance brings a new series-level pseudonym, i.e. the
+//!   first instance of a series; the instances' own UIDs are synced every second, as the bridge's
+//!   poll loop does), then the durable [`SpoolSink`] (one journal append + fdatasync), then the
+//!   assembler;
 //! - default: the durable [`SpoolSink`] alone (one journal append + fdatasync per instance);
 //! - `--no-fsync`: see below.
 //!
@@ -166,7 +168,19 @@ fn main() -> Result<()> {
             std::time::Duration::from_secs(3600),
             Arc::new(SystemClock::default()),
         )?);
-        Arc::new(DeidSink::new(deid, SpoolSink::new(&spool, 0)?, assembler))
+        let sink = Arc::new(DeidSink::new(deid, SpoolSink::new(&spool, 0)?, assembler));
+        // The bridge's poll loop syncs the deferred mapping lines every poll interval (1 s).
+        let syncer = Arc::downgrade(&sink);
+        std::thread::spawn(move || {
+            while let Some(sink) = syncer.upgrade() {
+                if let Err(e) = sink.sync_mapping() {
+                    eprintln!("mapping sync failed: {e}");
+                }
+                drop(sink);
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        });
+        sink
     } else {
         Arc::new(SpoolSink::new(dir, 0)?)
     };

@@ -1,7 +1,7 @@
 //! Typed configuration of the bridge's network side: our SCP (AE title, port, allowlist, limits),
 //! the spool and its disk reserve, the PACS we query and write back to, and the write-back retry
-//! policy. [`BridgeConfig::validate`] checks it before anything starts; [`BridgeConfig::scp`] and
-//! [`BridgeConfig::retry_policy`] turn it into the runtime types of [`crate::scp`] and
+//! policy. [`NetworkConfig::validate`] checks it before anything starts; [`NetworkConfig::scp`] and
+//! [`NetworkConfig::retry_policy`] turn it into the runtime types of [`crate::scp`] and
 //! [`crate::outbox`].
 
 use std::net::SocketAddr;
@@ -14,10 +14,10 @@ use crate::outbox::RetryPolicy;
 use crate::scp::ScpConfig;
 use crate::scu::PeerAe;
 
-/// The network part of the bridge's configuration (a `[bridge]` table in the appliance's TOML).
+/// The network part of the bridge's configuration (its `[network]` table, inside [`crate::pipeline::BridgeConfig`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BridgeConfig {
+pub struct NetworkConfig {
     /// Our AE title, for the SCP and as calling AE.
     pub ae_title: String,
     /// Where the SCP listens.
@@ -60,9 +60,9 @@ fn valid_ae(ae: &str) -> bool {
             .all(|c| c.is_ascii() && !c.is_ascii_control() && c != '\\')
 }
 
-impl Default for BridgeConfig {
+impl Default for NetworkConfig {
     fn default() -> Self {
-        BridgeConfig {
+        NetworkConfig {
             ae_title: "COSILO".into(),
             bind: SocketAddr::from(([0, 0, 0, 0], 11112)),
             allowed_calling_aes: Vec::new(),
@@ -81,7 +81,7 @@ impl Default for BridgeConfig {
     }
 }
 
-impl BridgeConfig {
+impl NetworkConfig {
     /// Checks every field that could make the bridge fail at run time.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field, reason: &str| {
@@ -154,16 +154,16 @@ mod tests {
 
     #[test]
     fn default_is_valid_and_round_trips_through_toml() {
-        let c = BridgeConfig::default();
+        let c = NetworkConfig::default();
         c.validate().unwrap();
         let text = toml::to_string(&c).unwrap();
-        let back: BridgeConfig = toml::from_str(&text).unwrap();
+        let back: NetworkConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
     }
 
     #[test]
     fn bad_values_name_their_field() {
-        let mut c = BridgeConfig {
+        let mut c = NetworkConfig {
             ae_title: "THIS-TITLE-IS-TOO-LONG".into(),
             ..Default::default()
         };

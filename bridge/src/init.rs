@@ -120,13 +120,13 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::PipelineConfig;
+    use crate::pipeline::BridgeConfig;
 
     #[test]
     fn init_makes_a_config_that_validates_a_0600_key_and_refuses_to_overwrite() {
         let d = tempfile::tempdir().unwrap();
         let r = init(d.path()).unwrap();
-        let cfg = PipelineConfig::from_file(&r.config).unwrap();
+        let cfg = BridgeConfig::from_file(&r.config).unwrap();
         assert_eq!(cfg.deid.secret_file, std::path::absolute(&r.key).unwrap());
         cfg.check_key().unwrap();
         #[cfg(unix)]

@@ -18,8 +18,9 @@
 //! is written.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use cosilo_hardware::clock::now_ms;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -140,13 +141,6 @@ pub const DEFAULT_OUTBOX_RESERVE_BYTES: u64 = 256 << 20;
 
 /// Bytes a record (`<id>.json`) and the temporary copies take beyond the file itself.
 const RECORD_ALLOWANCE: u64 = 64 << 10;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 fn fsync_dir(dir: &Path) -> Result<(), OutboxError> {
     cosilo_hardware::durable::sync_dir(dir).map_err(|source| OutboxError::Write {

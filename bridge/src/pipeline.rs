@@ -6,7 +6,7 @@
 //! the [`SeriesAssembler`]; only then does the SCP answer success. [`Bridge::run`] serves until
 //! `shutdown` is set, polling the assembler and, when a PACS is configured (`[network.pacs]`),
 //! running the write-back [`Outbox`] on its own thread so a PACS outage (each attempt can wait for
-//! the peer's timeout) never holds up assembly. [`PipelineConfig`] is its TOML configuration, with
+//! the peer's timeout) never holds up assembly. [`BridgeConfig`] is its TOML configuration, with
 //! the defaults checked in at `bridge/config/bridge.toml` ([`DEFAULT_CONFIG`]).
 
 use std::collections::{BTreeSet, HashMap};
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::assemble::retention::{self, Retention};
 use crate::assemble::{AssembleError, PollReport, SeriesAssembler, SeriesSink, SystemClock};
-use crate::config::{BridgeConfig, ConfigError};
+use crate::config::{ConfigError, NetworkConfig};
 use crate::deid::{BirthDatePolicy, DatePolicy, DeidError, Deidentifier, MappingStore};
 use crate::outbox::{self, Outbox, OutboxError};
 use crate::scp::{self, Accepted, InstanceSink, ReceivedInstance, ScpError, SinkError, SpoolSink};
@@ -82,10 +82,10 @@ fn default_incomplete_wait_s() -> u64 {
 /// The whole bridge configuration (`cosilo bridge --config bridge.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PipelineConfig {
+pub struct BridgeConfig {
     /// The bridge's own state (the pseudonym mapping).
     pub state_dir: PathBuf,
-    pub network: BridgeConfig,
+    pub network: NetworkConfig,
     pub deid: DeidSettings,
     pub assembly: AssemblySettings,
 }
@@ -121,14 +121,14 @@ pub enum PipelineError {
     Outbox(#[source] OutboxError),
 }
 
-impl PipelineConfig {
+impl BridgeConfig {
     /// The checked-in defaults.
-    pub fn default_config() -> Result<PipelineConfig, PipelineError> {
+    pub fn default_config() -> Result<BridgeConfig, PipelineError> {
         Self::parse(DEFAULT_CONFIG, Path::new("bridge/config/bridge.toml"))
     }
 
     /// Parses `text` (named `path` in errors).
-    pub fn parse(text: &str, path: &Path) -> Result<PipelineConfig, PipelineError> {
+    pub fn parse(text: &str, path: &Path) -> Result<BridgeConfig, PipelineError> {
         toml::from_str(text).map_err(|source| PipelineError::ParseConfig {
             path: path.to_path_buf(),
             source,
@@ -136,7 +136,7 @@ impl PipelineConfig {
     }
 
     /// Reads and validates `path`.
-    pub fn from_file(path: &Path) -> Result<PipelineConfig, PipelineError> {
+    pub fn from_file(path: &Path) -> Result<BridgeConfig, PipelineError> {
         let text = std::fs::read_to_string(path).map_err(|source| PipelineError::ReadConfig {
             path: path.to_path_buf(),
             source,
@@ -227,6 +227,21 @@ impl DeidSink {
     }
 }
 
+impl DeidSink {
+    /// Makes the mapping store's deferred lines (instances' own UIDs) durable; the bridge calls
+    /// it every poll interval and on shutdown ([`MappingStore::sync`]).
+    pub fn sync_mapping(&self) -> Result<(), DeidError> {
+        self.deid.mapping().map_or(Ok(()), MappingStore::sync)
+    }
+
+    fn sync_mapping_or_log(&self) {
+        if let Err(e) = self.sync_mapping() {
+            tracing::error!(error = %cosilo_hardware::error_text::error_chain(&e),
+                "cannot sync the pseudonym mapping (write-back recovers instance UIDs from the PACS)");
+        }
+    }
+}
+
 impl InstanceSink for DeidSink {
     fn accept(&self, inst: ReceivedInstance) -> Result<Accepted, SinkError> {
         let out = self.deid.deidentify(&inst.dataset).map_err(|e| match e {
@@ -235,7 +250,7 @@ impl InstanceSink for DeidSink {
                 SinkError::Refused(e.to_string())
             }
             DeidError::WriteMapping { path, source } => SinkError::Io { path, source },
-            other => SinkError::OutOfResources(crate::assemble::error_chain(&other)),
+            other => SinkError::OutOfResources(cosilo_hardware::error_text::error_chain(&other)),
         })?;
         if out.study_uid.is_empty() || out.series_uid.is_empty() || out.sop_instance_uid.is_empty()
         {
@@ -315,7 +330,7 @@ fn outbox_loop(
                 total.waiting = r.waiting;
             }
             Err(e) => {
-                tracing::error!(error = %crate::assemble::error_chain(&e), "write-back outbox pass failed")
+                tracing::error!(error = %cosilo_hardware::error_text::error_chain(&e), "write-back outbox pass failed")
             }
         }
         // Sleep in short steps so shutdown is not delayed by a long interval.
@@ -337,7 +352,7 @@ impl Bridge {
     /// series not yet complete and items not yet sent stay on disk for the next start.
     /// `on_listening` is called with the SCP's address once it accepts associations.
     pub fn run(
-        cfg: &PipelineConfig,
+        cfg: &BridgeConfig,
         series_sink: Arc<dyn SeriesSink>,
         shutdown: &AtomicBool,
         on_listening: impl FnOnce(std::net::SocketAddr),
@@ -366,7 +381,7 @@ impl Bridge {
             None => None,
         };
         let sink = Arc::new(DeidSink::new(deid, spool, assembler.clone()));
-        let handle = scp::serve(cfg.network.scp(), sink).map_err(PipelineError::Scp)?;
+        let handle = scp::serve(cfg.network.scp(), sink.clone()).map_err(PipelineError::Scp)?;
         tracing::info!(addr = %handle.local_addr(), ae = %cfg.network.ae_title, "bridge listening");
         on_listening(handle.local_addr());
         let interval = Duration::from_millis(cfg.assembly.poll_interval_ms);
@@ -397,6 +412,7 @@ impl Bridge {
                         tracing::warn!(error = %e, "done/ retention failed; nothing removed by it");
                     }
                 }
+                sink.sync_mapping_or_log();
                 match assembler.poll(series_sink.as_ref()) {
                     Ok(r) => add(r),
                     Err(e) => {
@@ -406,6 +422,7 @@ impl Bridge {
                 }
             }
             handle.stop();
+            sink.sync_mapping_or_log();
             stop_outbox.store(true, Ordering::SeqCst);
             if result.is_ok() {
                 result = assembler
@@ -497,7 +514,7 @@ mod tests {
         let pacs_port = free_port();
         let pacs = PeerAe::new("PACS", &format!("127.0.0.1:{pacs_port}"), "COSILO");
         write_key(&root.join("deid.key"));
-        let mut cfg = PipelineConfig::default_config().unwrap();
+        let mut cfg = BridgeConfig::default_config().unwrap();
         cfg.state_dir = root.join("state");
         cfg.network.bind = "127.0.0.1:0".parse().unwrap();
         cfg.network.spool_dir = root.join("spool");
@@ -576,7 +593,7 @@ mod tests {
         let root = d.path();
         write_key(&root.join("deid.key"));
         std::fs::write(root.join("x.dcm"), b"queued while a PACS was configured").unwrap();
-        let mut cfg = PipelineConfig::default_config().unwrap();
+        let mut cfg = BridgeConfig::default_config().unwrap();
         cfg.state_dir = root.join("state");
         cfg.network.bind = "127.0.0.1:0".parse().unwrap();
         cfg.network.spool_dir = root.join("spool");

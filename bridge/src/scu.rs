@@ -97,6 +97,8 @@ pub enum ScuError {
 pub enum QueryLevel {
     Study,
     Series,
+    /// Instances (SOPInstanceUID), within a study and series given in the filter.
+    Image,
 }
 
 impl QueryLevel {
@@ -104,6 +106,7 @@ impl QueryLevel {
         match self {
             QueryLevel::Study => "STUDY",
             QueryLevel::Series => "SERIES",
+            QueryLevel::Image => "IMAGE",
         }
     }
 }
@@ -121,6 +124,8 @@ pub struct QueryFilter {
     pub study_description: Option<String>,
     pub patient_id: Option<String>,
     pub study_uid: Option<String>,
+    /// SeriesInstanceUID (series and image level).
+    pub series_uid: Option<String>,
 }
 
 /// One C-FIND match with the keys Cosilo asks for.
@@ -135,6 +140,10 @@ pub struct FindMatch {
     /// Modality (series level) or ModalitiesInStudy joined with `\` (study level).
     pub modality: String,
     pub body_part: String,
+    /// SOPInstanceUID (image level; empty otherwise).
+    pub sop_instance_uid: String,
+    /// NumberOfSeriesRelatedInstances (series level), when the PACS returned it.
+    pub series_instances: Option<u32>,
     /// The whole identifier as the PACS returned it.
     pub identifier: InMemDicomObject,
 }
@@ -394,8 +403,13 @@ pub fn find_identifier(level: QueryLevel, filter: &QueryFilter) -> InMemDicomObj
         QueryLevel::Study => {
             put_str(&mut q, tags::MODALITIES_IN_STUDY, VR::CS, modality);
         }
-        QueryLevel::Series => {
-            put_str(&mut q, tags::SERIES_INSTANCE_UID, VR::UI, "");
+        QueryLevel::Series | QueryLevel::Image => {
+            put_str(
+                &mut q,
+                tags::SERIES_INSTANCE_UID,
+                VR::UI,
+                filter.series_uid.as_deref().unwrap_or(""),
+            );
             put_str(&mut q, tags::MODALITY, VR::CS, modality);
             put_str(
                 &mut q,
@@ -404,6 +418,11 @@ pub fn find_identifier(level: QueryLevel, filter: &QueryFilter) -> InMemDicomObj
                 filter.body_part.as_deref().unwrap_or(""),
             );
         }
+    }
+    match level {
+        QueryLevel::Study => {}
+        QueryLevel::Series => put_str(&mut q, tags::NUMBER_OF_SERIES_RELATED_INSTANCES, VR::IS, ""),
+        QueryLevel::Image => put_str(&mut q, tags::SOP_INSTANCE_UID, VR::UI, ""),
     }
     q
 }
@@ -467,7 +486,7 @@ pub fn find(
                     })?;
                 let modality = match level {
                     QueryLevel::Study => text_of(&obj, tags::MODALITIES_IN_STUDY),
-                    QueryLevel::Series => text_of(&obj, tags::MODALITY),
+                    QueryLevel::Series | QueryLevel::Image => text_of(&obj, tags::MODALITY),
                 };
                 out.push(FindMatch {
                     study_uid: text_of(&obj, tags::STUDY_INSTANCE_UID),
@@ -477,6 +496,11 @@ pub fn find(
                     study_description: text_of(&obj, tags::STUDY_DESCRIPTION),
                     modality,
                     body_part: text_of(&obj, tags::BODY_PART_EXAMINED),
+                    sop_instance_uid: text_of(&obj, tags::SOP_INSTANCE_UID),
+                    series_instances: text_of(&obj, tags::NUMBER_OF_SERIES_RELATED_INSTANCES)
+                        .trim()
+                        .parse()
+                        .ok(),
                     identifier: obj,
                 });
             }

@@ -10,21 +10,27 @@
 //! and come from a C-FIND of the study at the PACS ([`apply_pacs_study`], [`reidentify_at_pacs`]).
 //! [`queue_seg`] writes the SEG and puts it durably in the [`Outbox`]; the bridge's poll loop
 //! ([`crate::pipeline::Bridge::run`]) delivers it with retries. [`done_series_dir`] finds a case's
-//! de-identified series in the spool's `done/` folder.
+//! de-identified series in the spool's `done/` folder. [`write_back_case`] strings these steps
+//! together for one imported case (`cosilo writeback`), and [`send_now`] makes one delivery
+//! attempt instead of leaving it to the running bridge.
 //!
 //! Errors name pseudonymous identifiers only, never the originals.
 
 use std::path::{Path, PathBuf};
 
-use cosilo_sdk::dicom::{write_seg, AlgorithmInfo, DicomError, SegmentDescription, SeriesVolume};
+use cosilo_sdk::dicom::{
+    segments_for_classes, write_seg, AlgorithmInfo, DicomError, SegmentDescription, SeriesVolume,
+};
+use cosilo_sdk::segment::{SegmentError, Segmenter, SegmenterOptions};
 use cosilo_sdk::volume::Volume;
 use dicom::core::Tag;
 use dicom::dictionary_std::tags;
 use dicom::object::InMemDicomObject;
 
 use crate::assemble::DONE_DIR;
-use crate::deid::MappingStore;
-use crate::outbox::{Outbox, OutboxError, OutboxItem};
+use crate::deid::{DeidError, Deidentifier, MappingStore};
+use crate::outbox::{Outbox, OutboxError, OutboxItem, RunReport};
+use crate::pipeline::BridgeConfig;
 use crate::scu::{self, PeerAe, QueryFilter, QueryLevel, ScuError};
 
 /// Errors of the write-back path, one per failed step.
@@ -88,6 +94,139 @@ pub enum WritebackError {
     /// Putting the SEG into the outbox failed.
     #[error("cannot queue the SEG for write-back")]
     Enqueue(#[source] OutboxError),
+    /// The configuration names no PACS to write back to.
+    #[error("the bridge configuration has no [network.pacs] to write back to")]
+    NoPacs,
+    /// The model bundle cannot be opened (or ONNX Runtime is missing).
+    #[error("cannot open the bundle {bundle}")]
+    OpenBundle {
+        bundle: PathBuf,
+        #[source]
+        source: Box<SegmentError>,
+    },
+    /// Reading or segmenting the case's series failed.
+    #[error("cannot segment case {case_id}")]
+    Segment {
+        case_id: String,
+        #[source]
+        source: Box<SegmentError>,
+    },
+    /// The mapping store or the de-identification key cannot be opened, or recording into the
+    /// store failed.
+    #[error("cannot use the pseudonym mapping")]
+    Mapping(#[source] DeidError),
+    /// The outbox cannot be opened or its delivery pass failed.
+    #[error("the write-back outbox failed")]
+    Outbox(#[source] OutboxError),
+    /// The instance-level C-FIND that recovers instance UIDs failed.
+    #[error("cannot query the PACS {peer} for the instances of series {pseudo_series}")]
+    QueryInstances {
+        peer: String,
+        pseudo_series: String,
+        #[source]
+        source: Box<ScuError>,
+    },
+}
+
+/// A case's SEG, queued for the PACS by [`write_back_case`].
+#[derive(Debug, Clone)]
+pub struct QueuedSeg {
+    /// The durable outbox item.
+    pub item: OutboxItem,
+    /// Seconds the segmentation took.
+    pub segment_seconds: f64,
+}
+
+/// Where an item stands after [`send_now`]'s delivery pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Delivered and removed from the outbox.
+    Sent,
+    /// Still pending: the running bridge retries it (the pass's report says why).
+    Pending(RunReport),
+    /// Given up after its last attempt; the record is in this dead-letter folder.
+    GivenUp(PathBuf),
+}
+
+/// Segments imported case `case_id` (its de-identified series in the spool's `done/`) with the
+/// bundle in `bundle`, re-identifies the result against the PACS of `cfg` ([`reidentify_at_pacs`])
+/// and queues its SEG durably in `cfg`'s outbox ([`queue_seg`]). `intra_threads` is ONNX Runtime's
+/// intra-op thread count (`None`: one per physical core).
+pub fn write_back_case(
+    cfg: &BridgeConfig,
+    case_id: &str,
+    bundle: &Path,
+    intra_threads: Option<usize>,
+) -> Result<QueuedSeg, WritebackError> {
+    let pacs = cfg.network.pacs.as_ref().ok_or(WritebackError::NoPacs)?;
+    let series_dir = done_series_dir(&cfg.network.spool_dir, case_id)?;
+    let options = SegmenterOptions {
+        intra_threads,
+        ..Default::default()
+    };
+    let segmenter =
+        Segmenter::open_with(bundle, &options).map_err(|source| WritebackError::OpenBundle {
+            bundle: bundle.to_path_buf(),
+            source: Box::new(source),
+        })?;
+    let t0 = std::time::Instant::now();
+    let (segmentation, pseudo) = segmenter
+        .segment_dicom_series(&series_dir)
+        .map_err(|source| WritebackError::Segment {
+            case_id: case_id.to_string(),
+            source: Box::new(source),
+        })?;
+    let segment_seconds = t0.elapsed().as_secs_f64();
+    let mapping = MappingStore::open(&cfg.state_dir).map_err(WritebackError::Mapping)?;
+    let keyed_hash = Deidentifier::from_key_file(&cfg.deid.secret_file, cfg.deid.date_policy)
+        .map_err(WritebackError::Mapping)?;
+    recover_instance_uids(&pseudo, &mapping, &keyed_hash, pacs)?;
+    let source = reidentify_at_pacs(&pseudo, &mapping, pacs)?;
+    let m = segmenter.manifest();
+    let version = m.model_sha256.get(..16).unwrap_or(&m.model_sha256);
+    let outbox = Outbox::open(&cfg.network.outbox_dir, cfg.network.retry_policy())
+        .map_err(WritebackError::Outbox)?;
+    let item = queue_seg(
+        &segmentation.labels,
+        &source,
+        &segments_for_classes(&m.classes),
+        &AlgorithmInfo::new(&m.model_name, version),
+        &outbox,
+        pacs,
+    )?;
+    Ok(QueuedSeg {
+        item,
+        segment_seconds,
+    })
+}
+
+/// One delivery pass of `cfg`'s outbox now, and where `item` stands after it.
+pub fn send_now(cfg: &BridgeConfig, item: &OutboxItem) -> Result<SendOutcome, WritebackError> {
+    let outbox = Outbox::open(&cfg.network.outbox_dir, cfg.network.retry_policy())
+        .map_err(WritebackError::Outbox)?;
+    let report = outbox.run_once().map_err(WritebackError::Outbox)?;
+    let holds = |items: Vec<OutboxItem>| items.iter().any(|i| i.id == item.id);
+    if holds(outbox.pending().map_err(WritebackError::Outbox)?) {
+        Ok(SendOutcome::Pending(report))
+    } else if holds(outbox.dead().map_err(WritebackError::Outbox)?) {
+        Ok(SendOutcome::GivenUp(outbox.dead_dir()))
+    } else {
+        Ok(SendOutcome::Sent)
+    }
+}
+
+/// The original behind pseudonymous UID `uid` (a `what`), or [`WritebackError::UnknownUid`].
+fn original_uid(
+    mapping: &MappingStore,
+    what: &'static str,
+    uid: &str,
+) -> Result<String, WritebackError> {
+    mapping
+        .original_uid(uid)
+        .ok_or_else(|| WritebackError::UnknownUid {
+            what,
+            uid: uid.to_string(),
+        })
 }
 
 /// `series` (as the SDK read it from the de-identified spool) with the original UIDs and PatientID
@@ -98,14 +237,7 @@ pub fn reidentify(
     series: &SeriesVolume,
     mapping: &MappingStore,
 ) -> Result<SeriesVolume, WritebackError> {
-    let original = |what: &'static str, uid: &str| {
-        mapping
-            .original_uid(uid)
-            .ok_or_else(|| WritebackError::UnknownUid {
-                what,
-                uid: uid.to_string(),
-            })
-    };
+    let original = |what, uid: &str| original_uid(mapping, what, uid);
     if series.sop_instances.is_empty() {
         return Err(WritebackError::NoInstances {
             series_uid: series.series_uid.clone(),
@@ -170,6 +302,55 @@ pub fn apply_pacs_study(
     st.referring_physician_name = text(identifier, tags::REFERRING_PHYSICIAN_NAME);
     st.study_description = text(identifier, tags::STUDY_DESCRIPTION);
     Ok(())
+}
+
+/// Recovers the mapping of instance UIDs the mapping store lacks (its deferred lines, lost to a
+/// power cut before they were synced: see [`MappingStore`]). A pseudonymous UID is a keyed hash of
+/// the original ([`Deidentifier::remap_uid`]), so an image-level C-FIND of the original series at
+/// `pacs` (its study and series UIDs are durable in the store) gives every candidate; those whose
+/// hash is one of `series`' instances are recorded again, durably. Returns how many were
+/// recovered (0 without a query when none is missing).
+pub fn recover_instance_uids(
+    series: &SeriesVolume,
+    mapping: &MappingStore,
+    keyed_hash: &Deidentifier,
+    pacs: &PeerAe,
+) -> Result<usize, WritebackError> {
+    let missing: std::collections::HashSet<&str> = series
+        .sop_instances
+        .iter()
+        .map(|i| i.instance_uid.as_str())
+        .filter(|uid| mapping.original_uid(uid).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let original = |what, uid: &str| original_uid(mapping, what, uid);
+    let filter = QueryFilter {
+        study_uid: Some(original("StudyInstanceUID", &series.study_uid)?),
+        series_uid: Some(original("SeriesInstanceUID", &series.series_uid)?),
+        ..Default::default()
+    };
+    let matches = scu::find(pacs, QueryLevel::Image, &filter).map_err(|source| {
+        WritebackError::QueryInstances {
+            peer: pacs.address.clone(),
+            pseudo_series: series.series_uid.clone(),
+            source: Box::new(source),
+        }
+    })?;
+    let pairs: Vec<(String, String)> = matches
+        .into_iter()
+        .filter_map(|m| {
+            let pseudo = keyed_hash.remap_uid(&m.sop_instance_uid);
+            missing
+                .contains(pseudo.as_str())
+                .then(|| (format!("uid:{pseudo}"), m.sop_instance_uid))
+        })
+        .collect();
+    mapping.recover(&pairs).map_err(WritebackError::Mapping)?;
+    tracing::info!(series = %series.series_uid, missing = missing.len(), recovered = pairs.len(),
+        "instance UIDs recovered from the PACS");
+    Ok(pairs.len())
 }
 
 /// [`reidentify`], then a Study Root C-FIND of the original study at `pacs` and

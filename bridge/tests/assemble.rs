@@ -11,7 +11,7 @@ use cosilo_bridge::assemble::{
     DONE_DIR, REFUSED_DIR,
 };
 use cosilo_bridge::deid::{DatePolicy, Deidentifier};
-use cosilo_bridge::pipeline::{DeidSink, PipelineConfig};
+use cosilo_bridge::pipeline::{BridgeConfig, DeidSink};
 use cosilo_bridge::scp::{InstanceSink, ReceivedInstance, SpoolSink};
 use cosilo_sdk::dicom::seg::{write_seg, AlgorithmInfo, SegmentDescription};
 use cosilo_sdk::dicom::series::read_series;
@@ -253,7 +253,7 @@ fn series_with_a_gap_is_refused_with_a_reason() {
 
 #[test]
 fn default_config_parses_and_validates() {
-    let cfg = PipelineConfig::default_config().unwrap();
+    let cfg = BridgeConfig::default_config().unwrap();
     cfg.validate().unwrap();
     let mut bad = cfg.clone();
     bad.assembly.quiet_period_s = 0;

@@ -183,3 +183,99 @@ fn outbox_retries_through_an_orthanc_outage() -> Result<()> {
     assert_eq!(orthanc.sop_instance_uids()?, vec![sop_uid(&files[0])?]);
     Ok(())
 }
+
+/// The pseudonym table syncs an instance's own UID lazily (one mapping sync per series, not per
+/// instance). If a power cut loses those lines, write-back recovers them from the PACS: an
+/// image-level C-FIND of the original series and the keyed hash of each SOPInstanceUID.
+#[test]
+fn lost_instance_pseudonyms_are_recovered_from_orthanc() -> Result<()> {
+    use cosilo_bridge::deid::{DatePolicy, Deidentifier, MappingStore};
+    use cosilo_bridge::writeback::{recover_instance_uids, reidentify, WritebackError};
+    use dicom::object::{open_file, FileMetaTableBuilder};
+
+    let study = "1.2.826.0.1.3680043.8.498.13";
+    let series = "1.2.826.0.1.3680043.8.498.13.1";
+    let src = tempfile::tempdir()?;
+    let files = write_series(&src.path().join("ct"), &ct_spec(study, series, 4))?;
+    let orthanc = Orthanc::start("COSILO", free_port()?)?;
+    for f in &files {
+        orthanc.upload(f)?;
+    }
+    let originals: Vec<String> = files.iter().map(|f| sop_uid(f)).collect::<Result<_>>()?;
+
+    // De-identify the series as the bridge does, recording into a mapping store.
+    let state = src.path().join("state");
+    let secret = b"net_orthanc recovery secret, 32 bytes";
+    let deid =
+        Deidentifier::new(secret, DatePolicy::Remove)?.with_mapping(MappingStore::open(&state)?);
+    let deid_dir = src.path().join("deid");
+    std::fs::create_dir_all(&deid_dir)?;
+    for (k, f) in files.iter().enumerate() {
+        let obj = open_file(f)?;
+        let out = deid.deidentify(&obj)?;
+        out.object
+            .with_meta(FileMetaTableBuilder::new().transfer_syntax(EXPLICIT_LE))?
+            .write_to_file(deid_dir.join(format!("{k}.dcm")))?;
+    }
+    assert_eq!(
+        deid.mapping().map(MappingStore::syncs),
+        Some(1),
+        "one mapping sync for the whole series (its first instance), none per instance"
+    );
+    drop(deid);
+
+    // A power cut loses the deferred lines: keep only the lines of everything but the instances.
+    let table = state.join(MappingStore::FILE_NAME);
+    let text = std::fs::read_to_string(&table)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            !originals
+                .iter()
+                .any(|o| l.contains(&format!("\"o\":\"{o}\"")))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        text.lines().count() - kept.lines().count(),
+        4,
+        "each instance had its own line"
+    );
+    std::fs::write(&table, kept)?;
+
+    let mapping = MappingStore::open(&state)?;
+    let pseudo = cosilo_sdk::dicom::read_series_dir(&deid_dir)?;
+    let err = reidentify(&pseudo, &mapping).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WritebackError::UnknownUid {
+                what: "SOPInstanceUID",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let keyed_hash = Deidentifier::new(secret, DatePolicy::Remove)?;
+    let recovered = recover_instance_uids(&pseudo, &mapping, &keyed_hash, &pacs(&orthanc))?;
+    assert_eq!(recovered, 4);
+    let back = reidentify(&pseudo, &mapping)?;
+    let mut got: Vec<String> = back
+        .sop_instances
+        .iter()
+        .map(|i| i.instance_uid.clone())
+        .collect();
+    let mut want = originals.clone();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "every instance maps back to the PACS's own UID");
+    assert_eq!(back.series_uid, series);
+    // Recorded durably: a fresh open knows them, and nothing is left to recover.
+    let reopened = MappingStore::open(&state)?;
+    assert_eq!(
+        recover_instance_uids(&pseudo, &reopened, &keyed_hash, &pacs(&orthanc))?,
+        0
+    );
+    assert!(reidentify(&pseudo, &reopened).is_ok());
+    Ok(())
+}

@@ -11,6 +11,8 @@
 //!   the fsync discipline every crate that acknowledges data follows.
 //! - [`systemd`]: `sd_notify(3)` readiness, watchdog and stopping notifications to the service
 //!   manager (`Type=notify` units), over a Unix datagram socket.
+//! - [`clock`]: the wall clock in milliseconds since the Unix epoch, as records store it.
+//! - [`error_text`]: an error and its sources as one line, for logs and reasons kept on disk.
 //!
 //! - [`gate`]: the training gate: clinical work holds it and the guards set it, so training
 //!   throttles or parks at a step boundary.
@@ -18,12 +20,15 @@
 //!   that drives the gate from them; GPU readings from the Jetson sysfs nodes, NVML (feature
 //!   `nvml`, `nvml` module) or the "not available" stand-in.
 
+pub mod clock;
 pub mod durable;
+pub mod error_text;
 pub mod gate;
 pub mod guard;
 #[cfg(feature = "nvml")]
 pub mod nvml;
 pub mod systemd;
+
 
 use std::path::{Path, PathBuf};
 

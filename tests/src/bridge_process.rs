@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-/// The release `cosilo` binary, checked to have the `bridge` command (a stale build would not).
+/// The `cosilo` binary ([`crate::federation_harness::cosilo_bin`]), checked to have the `bridge`
+/// command (a stale build would not).
 pub fn cosilo_with_bridge() -> Result<PathBuf> {
-    let bin = crate::workspace_root().join("target/release/cosilo");
+    let bin = crate::federation_harness::cosilo_bin()?;
     let ok = Command::new(&bin)
         .args(["bridge", "--help"])
         .output()
@@ -94,6 +95,8 @@ pub fn write_config(root: &Path, quiet_s: u64, incomplete_wait_s: u64) -> Result
 /// `cosilo bridge` as a child process, logging to a file; SIGTERMed (then killed) on drop.
 pub struct BridgeProcess {
     child: Child,
+    /// Its stdout lines not yet read (what [`BridgeProcess::stop`] returns).
+    stdout: std::sync::mpsc::Receiver<String>,
     /// The bridge's stderr (its log), appended across restarts.
     pub log: PathBuf,
     /// The SCP's port.
@@ -136,12 +139,13 @@ impl BridgeProcess {
         });
         let mut p = BridgeProcess {
             child,
+            stdout: rx,
             log,
             port: 0,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
+            match p.stdout.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) if line.starts_with("listening on") => {
                     let addr = line.trim_start_matches("listening on").trim();
                     p.port = addr
@@ -170,6 +174,14 @@ impl BridgeProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Fails, with the log, if the bridge has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(s) = self.child.try_wait()? {
+            bail!("the bridge exited with {s}:\n{}", self.log_text());
+        }
+        Ok(())
+    }
+
     /// Waits until the log holds at least `count` lines containing `needle`, polling against a
     /// `limit` deadline; fails with the log if the bridge exits or the deadline passes.
     pub fn wait_log(&mut self, needle: &str, count: usize, limit: Duration) -> Result<()> {
@@ -190,8 +202,9 @@ impl BridgeProcess {
         }
     }
 
-    /// SIGTERM; the exit must be clean within 20 s.
-    pub fn stop(mut self) -> Result<()> {
+    /// SIGTERM; the exit must be clean within 20 s. Returns what it printed on stdout after
+    /// "listening on" (its summary).
+    pub fn stop(mut self) -> Result<Vec<String>> {
         let st = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()?;
@@ -200,7 +213,7 @@ impl BridgeProcess {
         loop {
             if let Some(s) = self.child.try_wait()? {
                 ensure!(s.success(), "bridge exited with {s}:\n{}", self.log_text());
-                return Ok(());
+                return Ok(self.stdout.try_iter().collect());
             }
             ensure!(Instant::now() < deadline, "no exit within 20 s of SIGTERM");
             std::thread::sleep(Duration::from_millis(50));

@@ -3,7 +3,8 @@
 //! small CT series from dcmtk's `storescu`, then a DICOM SEG for it; a resend of the series must
 //! land on the same case; no original identifier may appear in the spool or the store; and a
 //! `kill -9` after instances were acknowledged but before the series was assembled must lose
-//! nothing (the restarted bridge assembles and imports it).
+//! nothing (the restarted bridge assembles and imports it, and the pseudonym table maps every
+//! acknowledged UID back).
 //!
 //! Needs the release `cosilo` binary (`cargo build --release -p cosilo-appliance --bin cosilo`) and
 //! dcmtk's `storescu`; a missing one fails the test saying so.
@@ -13,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use cosilo_bridge::deid::{DatePolicy, Deidentifier, MappingStore};
 use cosilo_sdk::dicom::{
     read_series_dir, write_seg, write_series, AlgorithmInfo, Modality, SegmentDescription,
     SeriesMeta,
@@ -299,6 +301,19 @@ fn acknowledged_instances_survive_kill_9_before_assembly() -> Result<()> {
             "imported before the quiet period ended"
         );
     }
+    // The pseudonym table (one sync per series, the instances' own UIDs riding on the next one)
+    // maps every acknowledged UID back after the kill: write-back needs each of them.
+    let mapping = MappingStore::open(&root.join("state"))?;
+    let keyed_hash = Deidentifier::from_key_file(&root.join("deid.key"), DatePolicy::Remove)?;
+    let originals = uids_of(&files)?;
+    ensure!(originals.len() == files.len() + 2, "{originals:?}");
+    for o in &originals {
+        ensure!(
+            mapping.original_uid(&keyed_hash.remap_uid(o)).as_deref() == Some(o.as_str()),
+            "an acknowledged UID is missing from the mapping after kill -9"
+        );
+    }
+    drop(mapping);
     let mut b = start(&bin, &config, &store_dir, &log)?;
     b.wait_log("series imported", 1, LIMIT)?;
     b.stop()?;

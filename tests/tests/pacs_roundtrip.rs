@@ -28,9 +28,8 @@
 //! venv with pydicom, highdicom and numpy. A missing one fails the test saying so; it never skips.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -38,7 +37,7 @@ use candle_core::Device;
 use cosilo_bridge::assemble::{DONE_DIR, REFUSED_DIR};
 use cosilo_bridge::deid::{DatePolicy, MappingStore};
 use cosilo_bridge::outbox::Outbox;
-use cosilo_bridge::pipeline::PipelineConfig;
+use cosilo_bridge::pipeline::BridgeConfig;
 use cosilo_bridge::scu::{self, MoveTarget, PeerAe, QueryFilter, QueryLevel};
 use cosilo_bridge::writeback;
 use cosilo_lab::cohort::{self, CohortSpec};
@@ -50,7 +49,7 @@ use cosilo_sdk::segment::{Segmenter, SegmenterOptions};
 use cosilo_sdk::volume::read_nifti;
 use cosilo_sdk::Geometry;
 use cosilo_store::{Split, Store};
-use cosilo_tests::federation_harness::cosilo_bin;
+use cosilo_tests::bridge_process::{cosilo_with_bridge, BridgeProcess};
 use cosilo_tests::orthanc::{free_port, Orthanc};
 use cosilo_train::export;
 use cosilo_train::{unet, TrainConfig};
@@ -69,131 +68,6 @@ impl Timings {
     fn lap(&mut self, what: &'static str, since: &mut Instant) {
         self.0.push((what, since.elapsed().as_secs_f64()));
         *since = Instant::now();
-    }
-}
-
-/// `cosilo bridge` running as its own process, logging to a file; SIGTERMed (then killed) on drop.
-struct BridgeProcess {
-    child: Child,
-    log: PathBuf,
-    stdout: std::sync::mpsc::Receiver<String>,
-}
-
-/// The `cosilo` binary, checked to have the `bridge` command (a stale build would not).
-fn cosilo_with_bridge() -> Result<PathBuf> {
-    let bin = cosilo_bin()?;
-    let ok = Command::new(&bin)
-        .args(["bridge", "--help"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    ensure!(
-        ok,
-        "{} has no `bridge` command: rebuild it (cargo build --release -p cosilo-appliance --bin cosilo)",
-        bin.display()
-    );
-    Ok(bin)
-}
-
-impl BridgeProcess {
-    /// Starts `cosilo bridge --config <config> --store <store>` and waits for "listening on".
-    fn start(bin: &Path, config: &Path, store: &Path, log: PathBuf) -> Result<BridgeProcess> {
-        let err = std::fs::File::create(&log)?;
-        let mut child = Command::new(bin)
-            .args(["bridge", "--hospital", "h8-pacs-test", "--config"])
-            .arg(config)
-            .arg("--store")
-            .arg(store)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("starting {} bridge", bin.display()))?;
-        let out = child.stdout.take().context("bridge stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut p = BridgeProcess {
-            child,
-            log,
-            stdout: rx,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match p.stdout.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.starts_with("listening on") => return Ok(p),
-                Ok(_) => {}
-                Err(_) => {
-                    p.check_alive()?;
-                    if Instant::now() > deadline {
-                        bail!("the bridge did not listen within 20 s:\n{}", p.log_text());
-                    }
-                }
-            }
-        }
-    }
-
-    fn log_text(&self) -> String {
-        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    /// Fails if the bridge has exited.
-    fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("the bridge exited with {status}:\n{}", self.log_text());
-        }
-        Ok(())
-    }
-
-    /// SIGTERM, and the exit must be clean within 20 s; returns what it printed on stdout.
-    fn stop(mut self) -> Result<Vec<String>> {
-        let st = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        ensure!(st.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(s) = self.child.try_wait()? {
-                break s;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the bridge did not stop within 20 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        ensure!(
-            status.success(),
-            "the bridge exited with {status}:\n{}",
-            self.log_text()
-        );
-        Ok(self.stdout.try_iter().collect())
-    }
-}
-
-impl Drop for BridgeProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -571,7 +445,7 @@ fn pacs_roundtrip_deidentifies_imports_and_writes_back_a_seg() -> Result<()> {
     // --- The bridge into a store, with a short quiet period. ---
     let secret = root.join("deid.key");
     cosilo_tests::bridge_process::write_key(&secret, b"h8 pacs round-trip test secret, 32+ bytes")?;
-    let mut cfg = PipelineConfig::default_config()?;
+    let mut cfg = BridgeConfig::default_config()?;
     cfg.state_dir = root.join("bridge-state");
     cfg.network.ae_title = OUR_AE.into();
     cfg.network.bind = format!("127.0.0.1:{bridge_port}").parse()?;
@@ -593,8 +467,13 @@ fn pacs_roundtrip_deidentifies_imports_and_writes_back_a_seg() -> Result<()> {
     let spool = cfg.network.spool_dir.clone();
     let store_dir = root.join("store");
     let bin = cosilo_with_bridge()?;
-    let mut bridge =
-        BridgeProcess::start(&bin, &config_path, &store_dir, root.join("bridge-1.log"))?;
+    let mut bridge = BridgeProcess::start(
+        &bin,
+        &config_path,
+        &store_dir,
+        root.join("bridge-1.log"),
+        "info",
+    )?;
     let pacs = PeerAe::new(&orthanc.aet, &orthanc.dicom_addr(), OUR_AE);
     scu::echo(&pacs)?;
     timings.lap("bridge started", &mut t);
@@ -789,8 +668,13 @@ fn pacs_roundtrip_deidentifies_imports_and_writes_back_a_seg() -> Result<()> {
     let before = store.case_meta(&mr_case_id)?;
     drop(store); // one process at a time may open the store
 
-    let mut bridge =
-        BridgeProcess::start(&bin, &config_path, &store_dir, root.join("bridge-2.log"))?;
+    let mut bridge = BridgeProcess::start(
+        &bin,
+        &config_path,
+        &store_dir,
+        root.join("bridge-2.log"),
+        "info",
+    )?;
     let outcome = scu::move_(
         &pacs,
         &MoveTarget::Study {
@@ -942,8 +826,13 @@ fn pacs_roundtrip_deidentifies_imports_and_writes_back_a_seg() -> Result<()> {
     // The PACS goes down; the bridge's outbox fails, keeps the item and retries; the PACS comes
     // back and the bridge delivers it.
     orthanc.stop();
-    let mut bridge =
-        BridgeProcess::start(&bin, &config_path, &store_dir, root.join("bridge-3.log"))?;
+    let mut bridge = BridgeProcess::start(
+        &bin,
+        &config_path,
+        &store_dir,
+        root.join("bridge-3.log"),
+        "info",
+    )?;
     wait_for(
         "a failed write-back attempt while the PACS is down",
         Duration::from_secs(30),

@@ -8,6 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cosilo_hardware::error_text::error_chain;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
@@ -206,19 +207,4 @@ pub fn import_all(store: &Store, requests: &[ImportRequest]) -> Result<ImportRep
     bar.finish_and_clear();
     report.elapsed = start.elapsed();
     Ok(report)
-}
-
-/// An error and its sources, joined with ": " (what `{:#}` prints for an anyhow error).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    s
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cosilo_hardware::error_text::error_chain;
 use cosilo_sdk::dicom::seg::read_seg;
 use cosilo_sdk::dicom::series::{read_series, SeriesVolume};
 use cosilo_sdk::volume::Volume;
@@ -15,8 +16,8 @@ use super::files::{
     write_synced, Kind,
 };
 use super::{
-    case_id, error_chain, AssembleError, AssembledSeries, Clock, PollReport, Replacement,
-    SeriesSink, SinkOutcome, DONE_DIR, REFUSED_DIR,
+    case_id, AssembleError, AssembledSeries, Clock, PollReport, Replacement, SeriesSink,
+    SinkOutcome, DONE_DIR, REFUSED_DIR,
 };
 
 /// `(study, series)`: pseudonymous UIDs, the spool's folder names.

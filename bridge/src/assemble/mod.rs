@@ -207,18 +207,3 @@ pub fn case_id(patient_pseudonym: &str, series_uid: &str) -> String {
         format!("{p}-{series_uid}")
     }
 }
-
-/// An error and its sources joined with ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let t = cause.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        source = cause.source();
-    }
-    s
-}

@@ -23,7 +23,8 @@
 //!   may carry burned-in text (anything but CT/MR/PET/SEG), is refused with the reason.
 //!
 //! The reverse mapping (pseudonym → original) is recorded in a [`MappingStore`] inside the hospital
-//! (a file in the bridge's state directory, fsynced before an instance is acknowledged), for the
+//! (a file in the bridge's state directory, fsynced before an instance is acknowledged, except the
+//! instance's own SOPInstanceUID, which write-back can recompute: see the store), for the
 //! write-back path; it is never part of anything the federation sends.
 
 mod dates;
@@ -338,7 +339,7 @@ impl Deidentifier {
     }
 
     /// De-identifies `obj`: applies the profile, pseudonymises, records new pseudonyms in the
-    /// mapping store (durably) and adds the de-identification attributes. Refuses instances that
+    /// mapping store (durably, but for the instance's own UID: [`MappingStore`]) and adds the de-identification attributes. Refuses instances that
     /// may show burned-in text.
     pub fn deidentify(&self, obj: &InMemDicomObject) -> Result<Deidentified, DeidError> {
         self.check_burned_in(obj)?;
@@ -365,11 +366,16 @@ impl Deidentifier {
             PrimitiveValue::from(pseudonym.as_str()),
         ));
         self.mark(&mut out);
+        let sop_instance_uid = text(&out, SOP_INSTANCE_UID).unwrap_or_default();
         if let Some(mapping) = &self.mapping {
-            mapping.record(&walk.new_pairs)?;
+            // The instance's own UID is recomputable from the PACS (a keyed hash): deferred.
+            let own = format!("uid:{sop_instance_uid}");
+            let (deferred, durable): (Vec<_>, Vec<_>) =
+                walk.new_pairs.into_iter().partition(|(p, _)| *p == own);
+            mapping.record(&durable, &deferred)?;
         }
         Ok(Deidentified {
-            sop_instance_uid: text(&out, SOP_INSTANCE_UID).unwrap_or_default(),
+            sop_instance_uid,
             study_uid: text(&out, Tag(0x0020, 0x000D)).unwrap_or_default(),
             series_uid: text(&out, Tag(0x0020, 0x000E)).unwrap_or_default(),
             object: out,

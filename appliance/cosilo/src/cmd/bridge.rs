@@ -40,7 +40,7 @@ pub(crate) fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    use cosilo_bridge::pipeline::{Bridge, PipelineConfig, PipelineError, DEFAULT_CONFIG};
+    use cosilo_bridge::pipeline::{Bridge, BridgeConfig, PipelineError, DEFAULT_CONFIG};
 
     if let Some(BridgeInit::Init { dir }) = &args.init {
         let r = cosilo_bridge::init::init(dir)?;
@@ -59,7 +59,7 @@ pub(crate) fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
     let Some(path) = args.config else {
         anyhow::bail!("--config is required");
     };
-    let cfg = match PipelineConfig::from_file(&path) {
+    let cfg = match BridgeConfig::from_file(&path) {
         Ok(cfg) => cfg,
         Err(e @ (PipelineError::ParseConfig { .. } | PipelineError::Invalid(_))) => {
             return Err(anyhow::Error::new(BadConfig(format!("{e:#}"))))

@@ -29,8 +29,8 @@ pub enum CasesCommand {
 
 fn open(dir: &Path) -> anyhow::Result<Store> {
     Store::open(dir).map_err(|e| {
-        let locked =
-            matches!(&e, StoreError::Open { .. }) && crate_error_chain(&e).contains("lock");
+        let locked = matches!(&e, StoreError::Open { .. })
+            && cosilo_hardware::error_text::error_chain(&e).contains("lock");
         if locked {
             anyhow::anyhow!(
                 "the store {} is in use by another cosilo process (bridge or run); stop it \
@@ -41,17 +41,6 @@ fn open(dir: &Path) -> anyhow::Result<Store> {
             anyhow::Error::new(e).context(format!("cannot open the store {}", dir.display()))
         }
     })
-}
-
-fn crate_error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 fn labels_present(meta: &CaseMeta) -> String {

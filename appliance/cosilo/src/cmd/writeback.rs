@@ -23,71 +23,45 @@ pub(crate) struct WritebackArgs {
     pub(crate) threads: Option<usize>,
 }
 
-/// `cosilo writeback`: spool's done/ series → SDK segmentation → re-identified SEG → outbox.
+/// `cosilo writeback`: spool's done/ series → SDK segmentation → re-identified SEG → outbox
+/// ([`cosilo_bridge::writeback::write_back_case`]).
 pub(crate) fn writeback(args: WritebackArgs) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use cosilo_bridge::deid::MappingStore;
-    use cosilo_bridge::outbox::Outbox;
-    use cosilo_bridge::pipeline::{PipelineConfig, PipelineError};
-    use cosilo_bridge::writeback;
-    use cosilo_sdk::dicom::{segments_for_classes, AlgorithmInfo};
-    use cosilo_sdk::segment::{Segmenter, SegmenterOptions};
+    use cosilo_bridge::pipeline::{BridgeConfig, PipelineError};
+    use cosilo_bridge::writeback::{self, SendOutcome, WritebackError};
 
-    let cfg = match PipelineConfig::from_file(&args.config) {
+    let cfg = match BridgeConfig::from_file(&args.config) {
         Ok(cfg) => cfg,
         Err(e @ (PipelineError::ParseConfig { .. } | PipelineError::Invalid(_))) => {
             return Err(anyhow::Error::new(BadConfig(format!("{e:#}"))))
         }
         Err(e) => return Err(e.into()),
     };
-    let Some(pacs) = cfg.network.pacs.clone() else {
-        return Err(anyhow::Error::new(BadConfig(format!(
-            "{}: no [network.pacs] to write back to",
-            args.config.display()
-        ))));
+    let queued = match writeback::write_back_case(&cfg, &args.case, &args.bundle, args.threads) {
+        Ok(queued) => queued,
+        Err(WritebackError::NoPacs) => {
+            return Err(anyhow::Error::new(BadConfig(format!(
+                "{}: no [network.pacs] to write back to",
+                args.config.display()
+            ))))
+        }
+        Err(e) => return Err(e.into()),
     };
-    let series_dir = writeback::done_series_dir(&cfg.network.spool_dir, &args.case)?;
-    let segmenter = Segmenter::open_with(
-        &args.bundle,
-        &SegmenterOptions {
-            intra_threads: args.threads,
-            ..Default::default()
-        },
-    )?;
-    let t0 = std::time::Instant::now();
-    let (segmentation, pseudo) = segmenter
-        .segment_dicom_series(&series_dir)
-        .with_context(|| format!("segmenting case {}", args.case))?;
-    let seconds = t0.elapsed().as_secs_f64();
-    let mapping = MappingStore::open(&cfg.state_dir)?;
-    let source = writeback::reidentify_at_pacs(&pseudo, &mapping, &pacs)?;
-    let m = segmenter.manifest();
-    let version = m.model_sha256.get(..16).unwrap_or(&m.model_sha256);
-    let outbox = Outbox::open(&cfg.network.outbox_dir, cfg.network.retry_policy())?;
-    let item = writeback::queue_seg(
-        &segmentation.labels,
-        &source,
-        &segments_for_classes(&m.classes),
-        &AlgorithmInfo::new(&m.model_name, version),
-        &outbox,
-        &pacs,
-    )?;
+    let item = &queued.item;
     println!(
-        "queued {} for {} ({}): case {} segmented in {seconds:.2} s",
-        item.id, pacs.ae_title, pacs.address, args.case
+        "queued {} for {} ({}): case {} segmented in {:.2} s",
+        item.id,
+        item.destination.ae_title,
+        item.destination.address,
+        args.case,
+        queued.segment_seconds
     );
     if args.send_now {
-        let r = outbox.run_once()?;
-        if outbox.pending()?.iter().any(|i| i.id == item.id) {
-            println!("not sent yet (the bridge retries it): {r:?}");
-        } else if outbox.dead()?.iter().any(|i| i.id == item.id) {
-            anyhow::bail!(
-                "{} was given up (see {})",
-                item.id,
-                outbox.dead_dir().display()
-            );
-        } else {
-            println!("sent {}", item.id);
+        match writeback::send_now(&cfg, item)? {
+            SendOutcome::Sent => println!("sent {}", item.id),
+            SendOutcome::Pending(r) => println!("not sent yet (the bridge retries it): {r:?}"),
+            SendOutcome::GivenUp(dead) => {
+                anyhow::bail!("{} was given up (see {})", item.id, dead.display())
+            }
         }
     }
     Ok(())
