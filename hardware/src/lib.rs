@@ -29,7 +29,6 @@ pub mod guard;
 pub mod nvml;
 pub mod systemd;
 
-
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
