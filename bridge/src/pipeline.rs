@@ -626,7 +626,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
         write_key(&root.join("deid.key"));
-        let mut cfg = PipelineConfig::default_config().unwrap();
+        let mut cfg = BridgeConfig::default_config().unwrap();
         assert_eq!(
             (cfg.assembly.done_max_age_days, cfg.assembly.done_max_bytes),
             (90, 50 << 30)

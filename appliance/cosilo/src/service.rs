@@ -104,7 +104,7 @@ pub fn ensure_site_key(site_config: &Path) -> Result<(KeyOutcome, Option<SiteKey
 /// as hex, made when missing (0600, folder 0700), never overwritten. An existing key is checked
 /// the way the bridge checks it at start (length, permissions).
 pub fn ensure_deid_key(bridge_config: &Path) -> Result<KeyOutcome, ServiceError> {
-    let cfg = cosilo_bridge::pipeline::PipelineConfig::from_file(bridge_config)
+    let cfg = cosilo_bridge::pipeline::BridgeConfig::from_file(bridge_config)
         .map_err(|e| ServiceError::BridgeConfig(format!("{e:#}")))?;
     let path = cfg.deid.secret_file.clone();
     if path.exists() {
