@@ -200,7 +200,16 @@ pub fn provision_local(declaration: &Path, dir: &Path) -> Result<LocalFederation
     // Install after every admission, so each kit carries the full roster.
     for (id, is_site) in ids {
         let folder = dir.join(&id);
-        install(&op.kit_dir(&id), &folder, None)?;
+        if let Some(path) = install(&op.kit_dir(&id), &folder, None)? {
+            // Several sites on one machine: each status server on a free port (logged at
+            // start), as the demo's plan does; the default fixed port would clash.
+            let mut cfg = SiteConfig::load(&path).map_err(|source| KitError::Config {
+                site: id.clone(),
+                source,
+            })?;
+            cfg.status.listen = "127.0.0.1:0".into();
+            write_config(&cfg, &path)?;
+        }
         if is_site {
             sites.push((id, folder));
         } else {
