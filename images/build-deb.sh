@@ -41,8 +41,15 @@ fi
 VERSION=$(awk -F'"' '/^\[workspace.package\]/ { p = 1 } p && /^version/ { print $2; exit }' Cargo.toml)
 [ -n "$VERSION" ] || { echo "error: no [workspace.package] version in Cargo.toml" >&2; exit 1; }
 
-say "cargo build --release -p cosilo-appliance --bin cosilo ${TARGET_TRIPLE:+--target $TARGET_TRIPLE}"
-cargo build --release --quiet -p cosilo-appliance --bin cosilo ${TARGET_TRIPLE:+--target "$TARGET_TRIPLE"} >&2
+if [ -n "${COSILO_DEB_PREBUILT:-}" ]; then
+    # scripts/test.sh has just built the whole workspace (this binary included); building it again
+    # with `-p` would re-resolve features and link a second copy.
+    [ -x "$BIN" ] || { echo "error: COSILO_DEB_PREBUILT is set but $BIN is not built" >&2; exit 1; }
+    say "using the prebuilt $BIN"
+else
+    say "cargo build --release -p cosilo-appliance --bin cosilo ${TARGET_TRIPLE:+--target $TARGET_TRIPLE}"
+    cargo build --release --quiet -p cosilo-appliance --bin cosilo ${TARGET_TRIPLE:+--target "$TARGET_TRIPLE"} >&2
+fi
 
 OUT="$TARGET_DIR/debian"
 STAGE="$OUT/cosilo_${VERSION}_${ARCH}"

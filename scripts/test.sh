@@ -11,6 +11,8 @@ cd "$ROOT"
 ensure_apt mosquitto orthanc dcmtk dicom3tools lintian chromium
 ensure_python
 ensure_ort
+# The disk, at the start and the end: a full disk shows up as a linker's SIGBUS, not as ENOSPC.
+say "disk: $(df -h . | tail -n 1)"
 
 say "cargo fmt --check"
 cargo fmt --all -- --check
@@ -31,11 +33,16 @@ say "cargo clippy --features cuda (the GPU build compiles; no GPU here)"
   cargo clippy -p cosilo-train -p cosilo-appliance --all-targets --features cuda --quiet -- -D warnings
 )
 
+# One release build of every target (tests, examples, the `cosilo` binary); the steps below reuse
+# it rather than re-resolving features with `-p` and linking second copies.
+say "cargo test --workspace --release --no-run"
+cargo test --workspace --release --no-run --quiet
+
 say "fetch real anatomy into $COSILO_CACHE"
-cargo run --quiet --release -p cosilo-appliance -- data fetch
+target/release/cosilo data fetch
 
 say "the Debian package (images/test-package.sh)"
-bash images/test-package.sh
+COSILO_DEB_PREBUILT=1 bash images/test-package.sh
 
 say "cargo test"
 LOG="$(mktemp)"
@@ -55,3 +62,4 @@ COSILO_BIN="$ROOT/target/release/cosilo" "$COSILO_PYTHON" -m pytest -q python/te
 # with nothing in it).
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$LOG"
 rm -f "$LOG"
+say "disk: $(df -h . | tail -n 1); target/: $(du -sh target | cut -f1)"
