@@ -12,6 +12,8 @@
 //! - [`local`]: one site's pipeline: store → training → evaluation → report.
 //! - [`bridge_sink`]: the PACS bridge's complete series become store cases.
 //! - [`demo`]: `cosilo demo`: three hospitals federated on one machine against local-only.
+//! - [`experiment`]: `cosilo experiment`: a plan's arms (pooled, local-only, federated) on one
+//!   cohort, with a results table and curves.
 //! - [`plan`]: a federation laid out in one folder (stores, keys, roster, site configurations),
 //!   shared by the demo and the test harness.
 
@@ -19,5 +21,6 @@ pub mod bridge_sink;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod experiment;
 pub mod local;
 pub mod plan;

@@ -12,6 +12,7 @@ use cmd::bridge::BridgeArgs;
 use cmd::data::DataCmd;
 use cmd::demo::DemoArgs;
 use cmd::evaluate::EvalArgs;
+use cmd::experiment::ExperimentArgs;
 use cmd::export::ExportArgs;
 use cmd::import::ImportArgs;
 use cmd::run::RunArgs;
@@ -50,7 +51,7 @@ enum Command {
     },
     /// Run this appliance in its federation (or alone) as its site configuration says.
     Run(RunArgs),
-    /// Three hospitals federated on this machine: BrainTorrent against local-only training.
+    /// Three hospitals federated on this machine: gossip-avg against local-only training.
     Demo(DemoArgs),
     /// Import NIfTI image/label pairs into the store: one pair, or a cohort manifest.
     Import(ImportArgs),
@@ -85,6 +86,9 @@ enum Command {
         #[command(subcommand)]
         cmd: DataCmd,
     },
+    /// Run a plan's arms (pooled, local-only, federated) on one cohort and write a results
+    /// table and curves.
+    Experiment(ExperimentArgs),
 }
 
 /// Which default configuration `print-default-config` prints.
@@ -144,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Data { cmd } => cmd::data::data(cmd, &cache),
+        Command::Experiment(args) => cmd::experiment::experiment(args, &cache),
     }
 }
 

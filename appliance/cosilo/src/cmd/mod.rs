@@ -7,6 +7,7 @@ pub(crate) mod cases;
 pub(crate) mod data;
 pub(crate) mod demo;
 pub(crate) mod evaluate;
+pub(crate) mod experiment;
 pub(crate) mod export;
 pub(crate) mod import;
 pub(crate) mod run;
