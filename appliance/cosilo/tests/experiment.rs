@@ -57,11 +57,12 @@ fn reduced_plan_runs_every_arm_and_reads_each_test_split_once() {
                 .lines()
                 .find(|l| l.starts_with(&format!("| {arm} | {h} |")))
                 .unwrap_or_else(|| panic!("no row for {arm} at {h}:\n{md}"));
-            // 11 columns; every Dice cell is a number in [0, 1].
+            // 11 columns; every Dice cell is a number in [0, 1] ("mean" or "mean ± std").
             let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
             assert_eq!(cells.len(), 11, "{row}");
             for c in &cells[2..7] {
-                let d: f64 = c.parse().unwrap_or_else(|_| panic!("{row}"));
+                let mean = c.split_whitespace().next().unwrap_or_default();
+                let d: f64 = mean.parse().unwrap_or_else(|_| panic!("{row}"));
                 assert!((0.0..=1.0).contains(&d), "{row}");
             }
             assert_eq!(cells[10], "1", "test reads of {arm}: {row}");
