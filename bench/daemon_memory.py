@@ -16,7 +16,7 @@ strategy finished, or the script stops with an error; a site still running after
 killed and reported as not finished (its VmHWM up to then is kept, its ru_maxrss is not).
 
     bench/daemon_memory.py --bin target/release/cosilo --label after --out out/daemon-memory \
-        [--peers 2,4,8] [--strategy braintorrent] [--base 64] [--rounds 3] [--steps 2]
+        [--peers 2,4,8] [--strategy gossip-avg] [--base 64] [--rounds 3] [--steps 2]
 
 Prints one JSON line per site and run; `--table` prints the Markdown rows instead.
 """
@@ -246,7 +246,7 @@ def main():
     ap.add_argument("--label", required=True)
     ap.add_argument("--out", default="out/daemon-memory")
     ap.add_argument("--peers", default="2,4,8")
-    ap.add_argument("--strategy", default="braintorrent")
+    ap.add_argument("--strategy", default="gossip-avg")
     ap.add_argument("--base", type=int, default=64)
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2)

@@ -4,7 +4,7 @@
 # Sets up what it needs (the ONNX Runtime library, the real anatomy), builds a 3-hospital cohort
 # (40 / 15 / 5 training patients, 4 held out each), and runs `cosilo demo`: three appliances, each
 # its own process with only its own hospital's cases in its own store, federated over MQTT
-# (embedded broker, signed messages, BrainTorrent), against each hospital training alone; after
+# (embedded broker, signed messages, gossip-avg), against each hospital training alone; after
 # the rounds each federated site fine-tunes the shared model on its own cases (personalisation)
 # while each local-only site trains as many more steps, so both arms train the same number of
 # steps. It prints held-out Dice per hospital and class (initial, local-only, federated shared,
@@ -19,7 +19,7 @@
 # Usage: scripts/demo.sh [--publish]
 # Environment: DEMO_OUT (default ./out/demo), DEMO_ROUNDS / DEMO_STEPS (rounds, steps per round),
 # DEMO_PERSONALISE (personalisation steps, default 2 x steps per round; 0 = off),
-# DEMO_STRATEGY (braintorrent, fedavg, ciil, iil).
+# DEMO_STRATEGY (gossip-avg, braintorrent, fedavg, ciil, iil).
 set -euo pipefail
 PUBLISH=0
 for arg in "$@"; do
@@ -42,12 +42,12 @@ say "build (release)"
 cargo build --release --quiet -p cosilo-appliance
 COSILO="$ROOT/target/release/cosilo"
 
-say "federation demo: 3 hospitals, BrainTorrent vs local-only"
+say "federation demo: 3 hospitals, gossip-avg vs local-only"
 "$COSILO" demo --out "$OUT" --results "$RESULTS" \
   ${DEMO_ROUNDS:+--rounds "$DEMO_ROUNDS"} ${DEMO_STEPS:+--steps-per-round "$DEMO_STEPS"} \
   ${DEMO_PERSONALISE:+--personalise-steps "$DEMO_PERSONALISE"} \
   ${DEMO_STRATEGY:+--strategy "$DEMO_STRATEGY"}
-RUN="fed-demo-${DEMO_STRATEGY:-braintorrent}"
+RUN="fed-demo-${DEMO_STRATEGY:-gossip-avg}"
 # The personalised model when there is one (DEMO_PERSONALISE=0: the shared model).
 [ "${DEMO_PERSONALISE:-}" = 0 ] || RUN="$RUN-personalised"
 

@@ -86,7 +86,8 @@ def declare(
 ) -> Declaration:
     """Writes a ``federation.toml`` and returns it parsed and validated.
 
-    ``strategy`` holds ``kind`` (``fedavg``, ``braintorrent``, ``ciil``, ``iil``, ``local``) and
+    ``strategy`` holds ``kind`` (``fedavg``, ``braintorrent``, ``gossip-avg``, ``ciil``, ``iil``,
+    ``local``) and
     hyper-parameters (``rounds``, ``steps_per_round``, ``quorum``, ...); ``model`` the U-Net
     settings (``base``, ``depth``, ``batch_size``, ``patch``, ``seed``, ``lr``). ``broker`` is
     ``mosquitto`` (external, provisioned with ``security``) or ``embedded`` (on the first site,

@@ -358,7 +358,7 @@ impl Declaration {
         self.inner.observer.iter().map(|o| o.id.clone()).collect()
     }
 
-    /// The strategy's name (fedavg, braintorrent, ciil, iil, local).
+    /// The strategy's name (fedavg, braintorrent, gossip-avg, ciil, iil, local).
     #[getter]
     fn strategy(&self) -> String {
         self.inner.strategy_kind().name().to_string()

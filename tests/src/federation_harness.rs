@@ -101,7 +101,7 @@ pub fn appliance_example(name: &str) -> Result<PathBuf> {
     built_once(&["--example", name], &Path::new("examples").join(name))
 }
 
-/// A tiny cohort (2/2/1 training and 1 held-out patient for h1/h2/h3), built once per test
+/// A tiny cohort (2/2/1 training, 1 validation and 1 test patient for h1/h2/h3), built once per test
 /// process into a folder that outlives it (the OS cleans temp).
 pub fn tiny_cohort() -> Result<PathBuf> {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -114,7 +114,7 @@ pub fn tiny_cohort() -> Result<PathBuf> {
         .context("creating the cohort folder")?
         .keep();
     let cache = cosilo_lab::fetch::default_cache_dir();
-    let spec = cosilo_lab::cohort::CohortSpec::new(11, "2,2,1", 1)?;
+    let spec = cosilo_lab::cohort::CohortSpec::new(11, "2,2,1", 1)?.with_validation(1)?;
     cosilo_lab::cohort::build_cohort(&cache, &dir, &spec).with_context(|| {
         format!(
             "building the test cohort from {} (run `cosilo data fetch` first)",

@@ -2,11 +2,12 @@
 //! cases in its own store) over a real Mosquitto broker, with a tiny cohort and a tiny model.
 //!
 //! - FedAvg: every site's model changed, all three hold identical weights after the last round.
-//! - BrainTorrent: every site's model changed and is finite; a capture of every payload the
-//!   federation published (`cosilo/#`) holds no patient name, patient id or case id.
+//! - gossip-avg (push gossip, formerly called BrainTorrent): every site's model changed and is
+//!   finite; a capture of every payload the federation published (`cosilo/#`) holds no patient
+//!   name, patient id or case id.
 //! - CIIL: the token went round; every site changed and ends on the same final model.
 //! - IIL: each site's single turn; everyone ends on the last site's model.
-//! - Restart: a BrainTorrent site stopped with SIGTERM checkpoints, leaves, and resumes from its
+//! - Restart: a gossip-avg site stopped with SIGTERM checkpoints, leaves, and resumes from its
 //!   store when started again; the federation completes.
 //! - A bad site configuration exits with code 64 and names the key, without a panic.
 //!
@@ -321,9 +322,9 @@ fn fedavg_sites_hold_identical_weights_after_the_last_round() -> Result<()> {
 }
 
 #[test]
-fn braintorrent_merges_and_publishes_no_patient_data() -> Result<()> {
+fn gossip_avg_merges_and_publishes_no_patient_data() -> Result<()> {
     let broker = Mosquitto::start(MAX_PACKET)?;
-    let fed = Federation::new(StrategyKind::BrainTorrent, broker.port(), 2)?;
+    let fed = Federation::new(StrategyKind::GossipAvg, broker.port(), 2)?;
 
     // A passive listener records every payload published under cosilo/.
     let capture = Capture::start(
@@ -406,9 +407,9 @@ fn ciil_token_goes_round_and_all_end_on_one_model() -> Result<()> {
 }
 
 #[test]
-fn braintorrent_site_stopped_with_sigterm_resumes_from_its_store() -> Result<()> {
+fn gossip_avg_site_stopped_with_sigterm_resumes_from_its_store() -> Result<()> {
     let broker = Mosquitto::start(MAX_PACKET)?;
-    let fed = Federation::new(StrategyKind::BrainTorrent, broker.port(), 4)?;
+    let fed = Federation::new(StrategyKind::GossipAvg, broker.port(), 4)?;
     // Peers that finished while h2 was down cannot answer its pulls: give up sooner.
     for h in SITES {
         let mut cfg = fed.config(h)?;

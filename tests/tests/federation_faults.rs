@@ -5,7 +5,7 @@
 //!   and model version continue), rejoins, and every model stays finite; the others keep going.
 //! - The broker restarted mid-round: every site reconnects and FedAvg completes its rounds.
 //! - A site that joins late catches up from the retained announcements and merges its peers' work.
-//! - A site that leaves (SIGTERM → `Leaving`) stalls neither FedAvg nor BrainTorrent.
+//! - A site that leaves (SIGTERM → `Leaving`) stalls neither FedAvg nor gossip-avg.
 //! - A rogue participant (`appliance/cosilo/examples/rogue_site.rs`) is refused with a logged reason for
 //!   every attack, and the honest sites end with exactly the model they reach without it.
 //!
@@ -97,7 +97,7 @@ fn finished_site_with(
     Ok((s, ck))
 }
 
-/// The version vector a BrainTorrent checkpoint holds.
+/// The version vector a gossip-avg checkpoint holds.
 fn seen(ck: &SiteCheckpoint) -> BTreeMap<String, u64> {
     ck.strategy_state()["seen"]
         .as_object()
@@ -116,7 +116,7 @@ fn log_of(p: &SiteProcess) -> String {
 #[test]
 fn killed_peer_resumes_from_its_store_and_rejoins() -> Result<()> {
     let _g = serial();
-    let mut spec = FederationSpec::tiny(StrategyKind::BrainTorrent);
+    let mut spec = FederationSpec::tiny(StrategyKind::GossipAvg);
     spec.rounds = 4;
     // Small packets: every update travels as several chunks, so peers reassemble across the kill.
     spec.max_packet_bytes = SMALL_PACKET;
@@ -141,7 +141,7 @@ fn killed_peer_resumes_from_its_store_and_rejoins() -> Result<()> {
     );
     let saved_version = ck.strategy_state()["version"]
         .as_u64()
-        .context("no BrainTorrent version in h2's checkpoint")?;
+        .context("no gossip-avg version in h2's checkpoint")?;
     ensure!(
         saved_version >= 1 && saved_version <= *before.last().unwrap_or(&0),
         "h2 saved version {saved_version}, logged rounds {before:?}"
@@ -244,7 +244,7 @@ fn broker_restart_mid_round_every_site_reconnects_and_finishes() -> Result<()> {
 fn late_joiner_catches_up_and_merges_its_peers_work() -> Result<()> {
     let _g = serial();
     let broker = Mosquitto::start(MAX_PACKET)?;
-    let mut spec = FederationSpec::tiny(StrategyKind::BrainTorrent);
+    let mut spec = FederationSpec::tiny(StrategyKind::GossipAvg);
     // h3 has never connected: it must catch up from retained announcements, not a queue.
     spec.provision_sessions = false;
     let rounds = spec.rounds;
@@ -345,10 +345,10 @@ fn leaving_site_does_not_stall_fedavg() -> Result<()> {
 }
 
 #[test]
-fn leaving_site_does_not_stall_braintorrent() -> Result<()> {
+fn leaving_site_does_not_stall_gossip_avg() -> Result<()> {
     let _g = serial();
     let broker = Mosquitto::start(MAX_PACKET)?;
-    let mut spec = FederationSpec::tiny(StrategyKind::BrainTorrent);
+    let mut spec = FederationSpec::tiny(StrategyKind::GossipAvg);
     // Only the Leaving presence can end the final wait early.
     spec.update_timeout_s = 150;
     let timeout = spec.update_timeout_s as f64;
@@ -387,7 +387,7 @@ fn leaving_site_does_not_stall_braintorrent() -> Result<()> {
 struct RogueRun {
     /// Final models of h1, h2, h3.
     models: Vec<Vec<f32>>,
-    /// Their final checkpoints' BrainTorrent version vectors (empty for FedAvg).
+    /// Their final checkpoints' gossip-avg version vectors (empty for FedAvg).
     seen: Vec<BTreeMap<String, u64>>,
     /// Their logs.
     logs: Vec<String>,
@@ -572,11 +572,11 @@ fn rogue_site_is_refused_and_never_reaches_a_fedavg_model() -> Result<()> {
 }
 
 #[test]
-fn rogue_site_never_enters_braintorrent_version_vectors() -> Result<()> {
+fn rogue_site_never_enters_gossip_avg_version_vectors() -> Result<()> {
     let _g = serial();
-    let run = rogue_run(StrategyKind::BrainTorrent, true)?;
+    let run = rogue_run(StrategyKind::GossipAvg, true)?;
     check_refusals(&run)?;
-    let rounds = FederationSpec::tiny(StrategyKind::BrainTorrent).rounds;
+    let rounds = FederationSpec::tiny(StrategyKind::GossipAvg).rounds;
     for (h, v) in ["h1", "h2", "h3"].iter().zip(&run.seen) {
         // Only members, and only versions members made: the forged updates claim version
         // 1,000,000 for h3 and for the outsider.

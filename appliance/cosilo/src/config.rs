@@ -140,6 +140,8 @@ pub struct FederationSection {
     pub roster: PathBuf,
     pub key: PathBuf,
     pub rounds: u64,
+    /// Optimiser steps per round; 0 = one local epoch (a pass over this site's labelled training
+    /// slices), so a round's length follows each site's sample count as in Sheller et al.
     pub steps_per_round: usize,
     pub quorum: Quorum,
     pub round_deadline_s: u64,
@@ -303,9 +305,6 @@ impl SiteConfig {
         }
         if f.rounds == 0 {
             return Err(invalid("federation.rounds", "must be at least 1"));
-        }
-        if f.steps_per_round == 0 {
-            return Err(invalid("federation.steps_per_round", "must be at least 1"));
         }
         match f.quorum {
             Quorum::Count(0) => return Err(invalid("federation.quorum", "a count must be >= 1")),

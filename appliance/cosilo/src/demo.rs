@@ -4,7 +4,7 @@
 //! training and 4 held-out patients), imports each hospital's cases into its own store, makes a
 //! key pair per site and the roster, starts the embedded MQTT broker, and runs each site as its
 //! own `cosilo run --config hN.toml` child process: first local-only (the baseline), then the
-//! federation (BrainTorrent by default). Each process sees only its own hospital's cases.
+//! federation (gossip-avg by default). Each process sees only its own hospital's cases.
 //!
 //! Both arms train the same number of steps on the same learning-rate schedule: `rounds ×
 //! steps_per_round` rounds, then `personalise_steps` more on the site's own cases. For the
@@ -63,7 +63,7 @@ pub enum DemoError {
     },
     #[error("unreadable run summary {path}: {reason}")]
     Summary { path: PathBuf, reason: String },
-    #[error("unknown strategy {0:?} (braintorrent, fedavg, ciil, iil)")]
+    #[error("unknown strategy {0:?} (braintorrent, gossip-avg, fedavg, ciil, iil)")]
     Strategy(String),
 }
 

@@ -15,6 +15,8 @@
 //! - [`status`]: metrics, the status page and `/status.json` on a local address; `cosilo status`.
 //! - [`service`]: running under systemd: first-start keys, readiness and watchdog notifications.
 //! - [`kit`]: `cosilo federation`: a declared federation's site configurations and kits.
+//! - [`experiment`]: `cosilo experiment`: a plan's arms (pooled, local-only, federated) on one
+//!   cohort, with a results table and curves.
 //! - [`plan`]: a federation laid out in one folder (stores, keys, roster, site configurations),
 //!   shared by the demo and the test harness.
 
@@ -22,6 +24,7 @@ pub mod bridge_sink;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod experiment;
 pub mod kit;
 pub mod local;
 pub mod plan;

@@ -12,7 +12,7 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use cosilo_lab::chart::{LineChart, Series};
-use cosilo_store::{Split, Store, StoreError};
+use cosilo_store::{FinalEvaluation, Split, Store, StoreError};
 use cosilo_train::data::{LabelledVolume, PreparedVolume};
 use cosilo_train::eval::{mean_per_class, score, CaseScore};
 use cosilo_train::trainer::{load_weights, CheckpointSink, EpochRecord, LocalProgress};
@@ -68,21 +68,64 @@ impl CheckpointSink for StoreCheckpoints<'_> {
     }
 }
 
-/// Loads a split's cases (optionally of one hospital) as labelled volumes, in id order.
+/// Loads a split's cases (optionally of one hospital) as labelled volumes, in id order. The test
+/// split is sealed (the store refuses it): read it with [`load_test_volumes`].
 pub fn load_volumes(
     store: &Store,
     hospital: Option<&str>,
     split: Split,
 ) -> Result<Vec<LabelledVolume>, LocalError> {
-    let mut out = Vec::new();
+    let ids = store.case_ids(Some(split))?;
+    collect_volumes(store, &ids, hospital, split, |id| store.load_case(id))
+}
+
+/// Loads the test cases (optionally of one hospital) through the final evaluation that opened
+/// them, in id order.
+pub fn load_test_volumes(
+    fin: &FinalEvaluation<'_>,
+    hospital: Option<&str>,
+) -> Result<Vec<LabelledVolume>, LocalError> {
+    let ids = fin.case_ids()?;
+    collect_volumes(fin.store(), &ids, hospital, Split::Test, |id| {
+        fin.load_case(id)
+    })
+}
+
+/// The number of cases of `split` (optionally of one hospital), from their metadata alone.
+pub fn count_cases(
+    store: &Store,
+    hospital: Option<&str>,
+    split: Split,
+) -> Result<usize, LocalError> {
+    let mut n = 0;
     for id in store.case_ids(Some(split))? {
-        let meta = store.case_meta(&id)?;
+        if hospital.is_none_or(|h| {
+            store
+                .case_meta(&id)
+                .is_ok_and(|m| m.provenance.hospital == h)
+        }) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn collect_volumes(
+    store: &Store,
+    ids: &[String],
+    hospital: Option<&str>,
+    split: Split,
+    load: impl Fn(&str) -> Result<cosilo_store::Case, StoreError>,
+) -> Result<Vec<LabelledVolume>, LocalError> {
+    let mut out = Vec::new();
+    for id in ids {
+        let meta = store.case_meta(id)?;
         if hospital.is_some_and(|h| meta.provenance.hospital != h) {
             continue;
         }
-        let case = store.load_case(&id)?;
+        let case = load(id)?;
         out.push(LabelledVolume {
-            id,
+            id: id.clone(),
             image: case.image,
             label: case.label,
         });
@@ -191,7 +234,7 @@ pub fn evaluate(
     ))
 }
 
-/// Training curve: loss per epoch and held-out Dice per class.
+/// Training curve: loss per epoch and validation Dice per class.
 pub fn curve(history: &[EpochRecord], class_names: &[String], title: &str) -> LineChart {
     let mut series = vec![Series {
         name: "train loss".into(),
@@ -218,7 +261,7 @@ pub fn curve(history: &[EpochRecord], class_names: &[String], title: &str) -> Li
     LineChart {
         title: title.to_string(),
         x_label: "epoch".into(),
-        y_label: "loss / held-out Dice".into(),
+        y_label: "loss / validation Dice".into(),
         series,
         y_range: None,
     }
@@ -257,8 +300,9 @@ fn to_json<T: Serialize + ?Sized>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
-/// Trains run `run` of `hospital` from the store's cases, resuming from its checkpoints, and
-/// evaluates it on the hospital's held-out cases.
+/// Trains run `run` of `hospital` from the store's training cases, resuming from its
+/// checkpoints; the epochs are scored on the validation cases, and a finished run once on the
+/// test cases (the store's final evaluation of `run`).
 pub fn train_site(
     store: &Store,
     cfg: &TrainConfig,
@@ -269,7 +313,7 @@ pub fn train_site(
     stop: &AtomicBool,
 ) -> Result<(cosilo_train::TrainOutcome, Option<Evaluation>), LocalError> {
     let train = load_volumes(store, hospital, Split::Train)?;
-    let test = match load_volumes(store, hospital, Split::Test) {
+    let validation = match load_volumes(store, hospital, Split::Validation) {
         Ok(v) => v,
         Err(LocalError::NoCases { .. }) => Vec::new(),
         Err(e) => return Err(e),
@@ -278,20 +322,44 @@ pub fn train_site(
         cfg,
         run,
         &train,
-        &test,
+        &validation,
         &StoreCheckpoints(store),
         device,
         on_event,
         stop,
     )?;
-    // The trainer scored the held-out cases after its last epoch; no need to predict them again.
-    let eval = (outcome.finished && !test.is_empty())
-        .then(|| Evaluation::from_scores(run, cfg, outcome.final_scores.clone(), 0.0));
+    let eval = if outcome.finished && count_cases(store, hospital, Split::Test)? > 0 {
+        Some(final_score(
+            store,
+            &outcome.net,
+            cfg,
+            run,
+            hospital,
+            device,
+        )?)
+    } else {
+        None
+    };
     Ok((outcome, eval))
 }
 
+/// The final score of `run`'s model `net` on the test cases (of `hospital`, when given): opens
+/// the store's final evaluation of `run` (recording the read) and scores every test case.
+pub fn final_score(
+    store: &Store,
+    net: &UNet,
+    cfg: &TrainConfig,
+    run: &str,
+    hospital: Option<&str>,
+    device: &Device,
+) -> Result<Evaluation, LocalError> {
+    let fin = store.final_evaluation(run)?;
+    let test = load_test_volumes(&fin, hospital)?;
+    evaluate(net, cfg, run, &test, device)
+}
+
 /// Exports the newest checkpoint of `run` as an ONNX bundle in `out`. The manifest records the
-/// sites and number of training cases (never patient identities) and the held-out Dice of the
+/// sites and number of training cases (never patient identities) and the validation Dice of the
 /// run's last epoch.
 pub fn export_run(
     store: &Store,
@@ -310,7 +378,8 @@ pub fn export_run(
     for id in &train_ids {
         sites.insert(store.case_meta(id)?.provenance.hospital);
     }
-    let test_cases = store.case_ids(Some(Split::Test))?.len();
+    // The last epoch's scores are on the validation cases.
+    let validation_cases = store.case_ids(Some(Split::Validation))?.len();
     let provenance = Provenance {
         training_run: run.to_string(),
         sites: sites.into_iter().collect(),
@@ -324,7 +393,7 @@ pub fn export_run(
             .map(|h| h.val_dice.clone())
             .unwrap_or_default(),
         cases: if history.last().is_some_and(|h| !h.val_dice.is_empty()) {
-            test_cases
+            validation_cases
         } else {
             0
         },

@@ -13,6 +13,7 @@ use cmd::data::DataCmd;
 use cmd::demo::DemoArgs;
 use cmd::ensure_keys::EnsureKeysArgs;
 use cmd::evaluate::EvalArgs;
+use cmd::experiment::ExperimentArgs;
 use cmd::export::ExportArgs;
 use cmd::import::ImportArgs;
 use cmd::run::RunArgs;
@@ -55,7 +56,7 @@ enum Command {
     /// What a running appliance is doing: members, round, Dice over rounds, queues,
     /// temperatures, disk (from its status server, `[status] listen`).
     Status(StatusArgs),
-    /// Three hospitals federated on this machine: BrainTorrent against local-only training.
+    /// Three hospitals federated on this machine: gossip-avg against local-only training.
     Demo(DemoArgs),
     /// Import NIfTI image/label pairs into the store: one pair, or a cohort manifest.
     Import(ImportArgs),
@@ -98,6 +99,9 @@ enum Command {
         #[command(subcommand)]
         cmd: DataCmd,
     },
+    /// Run a plan's arms (pooled, local-only, federated) on one cohort and write a results
+    /// table and curves.
+    Experiment(ExperimentArgs),
 }
 
 /// Which default configuration `print-default-config` prints.
@@ -160,6 +164,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::EnsureKeys(args) => cmd::ensure_keys::ensure_keys(args),
         Command::Data { cmd } => cmd::data::data(cmd, &cache),
+        Command::Experiment(args) => cmd::experiment::experiment(args, &cache),
     }
 }
 

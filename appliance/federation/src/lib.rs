@@ -9,8 +9,8 @@
 //! - [`fedsm`]: FedSM's SoftPull over the newest personalised models received from peers.
 //! - [`link`]: the MQTT connection (the only module that names `rumqttc`).
 //! - [`broker`]: the embedded MQTT broker (rumqttd) for zero-setup, one-machine federations.
-//! - [`strategy`]: BrainTorrent, FedAvg, CIIL/IIL and local-only, as state machines, and the
-//!   [`strategy::StrategyKind`] a site configuration names.
+//! - [`strategy`]: BrainTorrent, gossip-avg, FedAvg, CIIL/IIL and local-only, as state machines,
+//!   and the [`strategy::StrategyKind`] a site configuration names.
 //!
 //! This crate depends on neither candle nor sled: weights are flat `f32` vectors with a layout
 //! (the training crate converts), and the daemon that drives a strategy lives in the appliance.

@@ -108,7 +108,8 @@ fn default_security() -> Security {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StrategySettings {
-    /// `fedavg`, `braintorrent`, `ciil`, `iil` or `local`.
+    /// `fedavg`, `braintorrent` (the paper's pull protocol), `gossip-avg` (push gossip with a final
+    /// average), `ciil`, `iil` or `local`.
     pub kind: Option<StrategyKind>,
     pub rounds: Option<u64>,
     pub steps_per_round: Option<usize>,

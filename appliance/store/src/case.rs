@@ -26,6 +26,11 @@ pub const GRID_TOLERANCE_MM: f64 = 1e-3;
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     Train,
+    /// Held out from training, read by everything that selects or stops (early stopping, best
+    /// model choice, IIL's patience).
+    Validation,
+    /// Held out from training and from every choice: its voxels are read only through
+    /// [`FinalEvaluation`](crate::FinalEvaluation), once per run, for the final score.
     Test,
     /// Image-only cases from the PACS bridge, waiting for labels (a DICOM SEG); never trained on.
     Unlabelled,
@@ -35,6 +40,7 @@ impl Split {
     pub fn as_str(self) -> &'static str {
         match self {
             Split::Train => "train",
+            Split::Validation => "validation",
             Split::Test => "test",
             Split::Unlabelled => "unlabelled",
         }
@@ -53,10 +59,11 @@ impl FromStr for Split {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "train" => Ok(Split::Train),
+            "validation" => Ok(Split::Validation),
             "test" => Ok(Split::Test),
             "unlabelled" => Ok(Split::Unlabelled),
             other => Err(format!(
-                "split must be \"train\", \"test\" or \"unlabelled\", not {other:?}"
+                "split must be \"train\", \"validation\", \"test\" or \"unlabelled\", not {other:?}"
             )),
         }
     }
@@ -374,7 +381,18 @@ impl Store {
 
     /// Case `id` with its voxels. The voxels are checked against the hashes recorded on import; a
     /// mismatch is a `CaseCorrupt` error, never silently returned data.
+    ///
+    /// A case of the test split is refused (`SealedTestSplit`): its voxels are read only through
+    /// [`Store::final_evaluation`](crate::Store::final_evaluation).
     pub fn load_case(&self, id: &str) -> Result<Case, StoreError> {
+        if self.case_meta(id)?.split == Split::Test {
+            return Err(StoreError::SealedTestSplit { id: id.to_string() });
+        }
+        self.read_case(id)
+    }
+
+    /// Case `id` with its voxels, whatever its split (the test split's gate is the caller's).
+    pub(crate) fn read_case(&self, id: &str) -> Result<Case, StoreError> {
         let key = id.as_bytes();
         let read = (&self.cases, &self.images, &self.labels).transaction(|(m, i, l)| {
             Ok::<_, ConflictableTransactionError<()>>((m.get(key)?, i.get(key)?, l.get(key)?))

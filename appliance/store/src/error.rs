@@ -58,6 +58,11 @@ pub enum StoreError {
     CaseConflict { id: String, differs: String },
     #[error("case {id} is not in the store")]
     CaseNotFound { id: String },
+    #[error(
+        "case {id} is in the test split, which is read only by the final evaluation \
+         (Store::final_evaluation), never for training, selection or stopping"
+    )]
+    SealedTestSplit { id: String },
     #[error("case {id} is damaged in the store: {reason}")]
     CaseCorrupt { id: String, reason: String },
     #[error("checkpoint {seq} of run {run} is damaged in the store: {reason}")]

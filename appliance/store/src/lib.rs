@@ -9,6 +9,8 @@
 //! - [`checkpoint`]: numbered model checkpoints per training run.
 //! - [`import`]: importing a cohort manifest (or one pair) with progress and a report.
 //! - [`volume_import`]: importing volumes already in memory (the PACS bridge's series).
+//! - [`final_evaluation`]: the test split's only door, [`FinalEvaluation`], which records every
+//!   read ([`Store::load_case`] refuses test cases).
 //! - [`error`]: the error type, [`StoreError`].
 //!
 //! Invariants:
@@ -16,6 +18,7 @@
 //!   opened after a crash holds each case whole or not at all; reads check the recorded SHA-256.
 //! - Nothing is acknowledged (`Ok` from a write) before it has been flushed to disk.
 //! - Import checks every input before writing anything; a refused case leaves the store as it was.
+//! - Test-split voxels are read only through a [`FinalEvaluation`], and every such read is recorded.
 //! - The store records its format version and refuses to open one it does not know.
 //! - Every write of cases or checkpoints first consults the disk reserve
 //!   ([`Store::set_reserve_bytes`], [`DEFAULT_RESERVE_BYTES`]): a write that would leave less free
@@ -24,6 +27,7 @@
 pub mod case;
 pub mod checkpoint;
 pub mod error;
+pub mod final_evaluation;
 pub mod import;
 pub mod manage;
 pub mod volume_import;
@@ -41,6 +45,7 @@ use sha2::{Digest, Sha256};
 
 pub use case::{Case, CaseMeta, ImportOutcome, Provenance, Split, GRID_TOLERANCE_MM};
 pub use error::{BackendError, StoreError};
+pub use final_evaluation::FinalEvaluation;
 pub use import::{ImportReport, ImportRequest, ManifestError, Refusal};
 pub use manage::CaseChange;
 
@@ -60,6 +65,7 @@ const LABELS_TREE: &str = "case_labels";
 const CHECKPOINTS_TREE: &str = "checkpoints";
 const CHECKPOINT_WEIGHTS_TREE: &str = "checkpoint_weights";
 const CHECKPOINT_SEQ_TREE: &str = "checkpoint_seq";
+const TEST_READS_TREE: &str = "test_reads";
 
 /// The dataset and model store. Cheap to clone; clones share the open database. One process at a
 /// time may have a store open.
@@ -73,6 +79,8 @@ pub struct Store {
     checkpoints: sled::Tree,
     checkpoint_weights: sled::Tree,
     checkpoint_seq: sled::Tree,
+    /// Run name → how many times it opened the test split ([`FinalEvaluation`]).
+    test_reads: sled::Tree,
     /// Blob files already fsynced, with the length they had then (see [`Store::flush`]).
     synced_blobs: Arc<Mutex<HashMap<OsString, u64>>>,
     /// Bytes to leave free on the store's disk; shared by clones.
@@ -89,6 +97,7 @@ impl std::fmt::Debug for Store {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StoreStats {
     pub train_cases: usize,
+    pub validation_cases: usize,
     pub test_cases: usize,
     /// Image-only cases from the bridge.
     pub unlabelled_cases: usize,
@@ -157,6 +166,7 @@ impl Store {
             checkpoints: tree(CHECKPOINTS_TREE)?,
             checkpoint_weights: tree(CHECKPOINT_WEIGHTS_TREE)?,
             checkpoint_seq: tree(CHECKPOINT_SEQ_TREE)?,
+            test_reads: tree(TEST_READS_TREE)?,
             db,
             synced_blobs: Arc::default(),
             reserve_bytes: Arc::new(AtomicU64::new(DEFAULT_RESERVE_BYTES)),
@@ -254,6 +264,7 @@ impl Store {
             let meta = self.case_meta(&id)?;
             match meta.split {
                 Split::Train => stats.train_cases += 1,
+                Split::Validation => stats.validation_cases += 1,
                 Split::Test => stats.test_cases += 1,
                 Split::Unlabelled => stats.unlabelled_cases += 1,
             }

@@ -17,7 +17,10 @@ pub(crate) enum DataCmd {
         /// Training patients per hospital (h1, h2, h3).
         #[arg(long, default_value = "40,15,5")]
         sizes: String,
-        /// Held-out test patients per hospital.
+        /// Held-out validation patients per hospital (what early stopping and model choice read).
+        #[arg(long, default_value_t = 2)]
+        validation: usize,
+        /// Held-out test patients per hospital (read once per run, for the final score).
         #[arg(long, default_value_t = 4)]
         test: usize,
     },
@@ -58,9 +61,10 @@ pub(crate) fn data(cmd: DataCmd, cache: &std::path::Path) -> anyhow::Result<()> 
             out,
             seed,
             sizes,
+            validation,
             test,
         } => {
-            let spec = cohort::CohortSpec::new(seed, &sizes, test)?;
+            let spec = cohort::CohortSpec::new(seed, &sizes, test)?.with_validation(validation)?;
             let manifest = cohort::build_cohort(cache, &out, &spec)?;
             println!(
                 "{} cases in {} (anatomy real; tumours and scanner effects simulated)",

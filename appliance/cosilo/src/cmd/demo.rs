@@ -24,6 +24,6 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     pub(crate) eval_every: u64,
     /// Strategy of the federated run.
-    #[arg(long, default_value = "braintorrent")]
+    #[arg(long, default_value = "gossip-avg")]
     pub(crate) strategy: String,
 }

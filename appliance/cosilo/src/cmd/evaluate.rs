@@ -1,4 +1,5 @@
-//! `cosilo evaluate`: score a trained run on the held-out cases.
+//! `cosilo evaluate`: score a trained run on the held-out test cases (the store's final
+//! evaluation of the run: the read is recorded).
 
 use std::path::PathBuf;
 
@@ -22,11 +23,12 @@ pub(crate) struct EvalArgs {
 /// `cosilo evaluate`.
 pub(crate) fn evaluate(args: EvalArgs) -> anyhow::Result<()> {
     use cosilo_appliance::local;
-    use cosilo_store::{Split, Store};
+    use cosilo_store::Store;
     let store = Store::open(&args.store.path)?;
     let device = cosilo_train::device()?;
     let (net, _, cfg) = local::load_model(&store, &args.run, &device)?;
-    let test = local::load_volumes(&store, args.hospital.as_deref(), Split::Test)?;
+    let fin = store.final_evaluation(&args.run)?;
+    let test = local::load_test_volumes(&fin, args.hospital.as_deref())?;
     let bar = indicatif::ProgressBar::new(test.len() as u64);
     let mut scores = Vec::new();
     for v in &test {

@@ -8,6 +8,7 @@ pub(crate) mod data;
 pub(crate) mod demo;
 pub(crate) mod ensure_keys;
 pub(crate) mod evaluate;
+pub(crate) mod experiment;
 pub(crate) mod export;
 pub(crate) mod federation;
 pub(crate) mod import;

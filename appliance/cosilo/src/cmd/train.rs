@@ -107,7 +107,7 @@ pub(crate) fn train(args: TrainArgs) -> anyhow::Result<()> {
                     .filter_map(|(c, d)| d.map(|d| format!("{} {d:.3}", class_names[c])))
                     .collect();
                 println!(
-                    "epoch {:>3}: loss {:.4} (ce {:.4}, dice {:.4})  held-out Dice: {}  [{:.0} s]",
+                    "epoch {:>3}: loss {:.4} (ce {:.4}, dice {:.4})  validation Dice: {}  [{:.0} s]",
                     r.epoch + 1,
                     r.loss,
                     r.cross_entropy,

@@ -94,7 +94,10 @@ fn start_trainer(cfg: &SiteConfig, train_cfg: &TrainConfig) -> Result<TrainerHan
     let spec = TrainerSpec {
         store,
         cfg: train_cfg.clone(),
-        schedule_steps: cfg.schedule_steps(),
+        // steps_per_round 0: a round is one local epoch, counted once the session knows its slices.
+        schedule_steps: (cfg.federation.steps_per_round > 0).then(|| cfg.schedule_steps()),
+        rounds: cfg.federation.rounds as usize,
+        personalise_steps: cfg.federation.personalise_steps,
         hospital: cfg.hospital().map(str::to_string),
         run: session_run(cfg),
         personal_run: personalised_run(cfg),
@@ -120,28 +123,42 @@ fn start_trainer(cfg: &SiteConfig, train_cfg: &TrainConfig) -> Result<TrainerHan
 struct Ready {
     weights: FlatWeights,
     samples: u64,
+    steps_per_epoch: usize,
+    validation_cases: usize,
     test_cases: usize,
     saved: DaemonState,
     resumed: bool,
 }
 
 async fn ready(replies: &mut mpsc::UnboundedReceiver<Reply>) -> Result<Ready, DaemonError> {
-    let (weights, samples, test_cases, saved) = match replies.recv().await {
-        Some(Reply::Ready {
-            weights,
-            samples,
-            test_cases,
-            saved,
-        }) => (weights, samples, test_cases, saved),
-        Some(Reply::Failed(e)) => return Err(e),
-        _ => return Err(DaemonError::TrainerGone),
-    };
+    let (weights, samples, steps_per_epoch, validation_cases, test_cases, saved) =
+        match replies.recv().await {
+            Some(Reply::Ready {
+                weights,
+                samples,
+                steps_per_epoch,
+                validation_cases,
+                test_cases,
+                saved,
+            }) => (
+                weights,
+                samples,
+                steps_per_epoch,
+                validation_cases,
+                test_cases,
+                saved,
+            ),
+            Some(Reply::Failed(e)) => return Err(e),
+            _ => return Err(DaemonError::TrainerGone),
+        };
     let saved: DaemonState = saved
         .and_then(|v| serde_json::from_value(v).ok())
         .unwrap_or_default();
     let resumed = !saved.strategy.is_null();
     info!(
         samples,
+        steps_per_epoch,
+        validation_cases,
         test_cases,
         parameters = weights.data.len(),
         resumed,
@@ -150,6 +167,8 @@ async fn ready(replies: &mut mpsc::UnboundedReceiver<Reply>) -> Result<Ready, Da
     Ok(Ready {
         weights,
         samples,
+        steps_per_epoch,
+        validation_cases,
         test_cases,
         saved,
         resumed,
@@ -224,7 +243,10 @@ pub(super) async fn run_site(
     let ctx = Context {
         me: cfg.site.id.clone(),
         rounds: cfg.federation.rounds,
-        steps_per_round: cfg.federation.steps_per_round,
+        steps_per_round: match cfg.federation.steps_per_round {
+            0 => ready.steps_per_epoch,
+            n => n,
+        },
         quorum: cfg.federation.quorum.sites(sites.len()),
         round_deadline_ms: cfg.federation.round_deadline_s * 1000,
         update_timeout_ms: cfg.federation.update_timeout_s * 1000,
@@ -245,8 +267,8 @@ pub(super) async fn run_site(
     };
     let membership = Membership { keys, roster, link };
     let mut site = Site::new(cfg, membership, shape, strategy, commands, ready.saved);
-    if !ready.resumed && ready.test_cases > 0 {
-        // The initial model's held-out Dice (the "before" column); answered before any round.
+    if !ready.resumed && ready.validation_cases > 0 {
+        // The initial model's validation Dice (the "before" column); answered before any round.
         site.command(Cmd::Evaluate)?;
         match replies.recv().await {
             Some(Reply::Evaluated(s)) => site.evaluated(s).await?,
@@ -269,7 +291,7 @@ pub(super) async fn run_site(
     site.leave(finished).await?;
     site.report(&lp.board, finished);
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    Ok(site.summary(finished, ready.test_cases, t0))
+    Ok(site.summary(finished, (ready.validation_cases, ready.test_cases), t0))
 }
 
 /// What the loop does after an event.
@@ -455,16 +477,12 @@ impl Site {
         Ok(())
     }
 
-    fn summary(self, finished: bool, test_cases: usize, t0: Instant) -> RunSummary {
+    /// `cases`: (validation, test) cases of this site.
+    fn summary(self, finished: bool, cases: (usize, usize), t0: Instant) -> RunSummary {
         let book = self.book;
-        let final_dice = if book.final_dice.is_empty() {
-            book.rounds
-                .last()
-                .map(|r| r.dice.clone())
-                .unwrap_or_default()
-        } else {
-            book.final_dice
-        };
+        // Test Dice only: a run stopped before its final score has none (the rounds' Dice are
+        // validation Dice).
+        let final_dice = book.final_dice;
         let summary = RunSummary {
             site: self.out.me,
             strategy: self.cfg.federation.strategy.name().to_string(),
@@ -482,7 +500,8 @@ impl Site {
             personalised_dice: book.personalised_dice,
             rounds: book.rounds,
             training_cases: self.out.samples,
-            test_cases,
+            validation_cases: cases.0,
+            test_cases: cases.1,
             bytes_sent: self.out.bytes_sent,
             bytes_received: self.inb.bytes_received,
             refused: self.inb.refused,

@@ -8,9 +8,11 @@
 //! model), presence and control messages, and a clock tick. It carries out the strategy's
 //! actions: train, install a model, publish (chunked to the broker's packet size), pass the
 //! token, pull. At the end of each round it logs one line (loss, Dice, bytes sent and received),
-//! evaluates the held-out cases every `eval_every`-th round (publishing aggregate metrics, never
+//! evaluates the validation cases every `eval_every`-th round (publishing aggregate metrics, never
 //! patient identifiers) and checkpoints the session with the strategy's state and the replay
-//! guards. The final model is always scored.
+//! guards. Everything that selects or stops (IIL's patience) reads validation; the final model
+//! (and the personalised one) is scored once on the test cases, through the store's
+//! [`FinalEvaluation`](cosilo_store::FinalEvaluation), which records the read.
 //!
 //! Personalisation (`personalise_steps` > 0): once the strategy has finished and its final
 //! (shared) model is scored and checkpointed, the site fine-tunes that model on its own cases for
@@ -116,7 +118,7 @@ pub struct RoundLog {
     pub round: u64,
     pub model_version: u64,
     pub loss: Option<f64>,
-    /// Mean held-out Dice per class (background first).
+    /// Mean validation Dice per class (background first); empty when the round was not scored.
     pub dice: Vec<Option<f64>>,
     pub tissue_mean: Option<f64>,
     pub contributors: Vec<String>,
@@ -133,21 +135,24 @@ pub struct RunSummary {
     /// True when the strategy finished; false when shut down before.
     pub finished: bool,
     pub rounds: Vec<RoundLog>,
-    /// Held-out Dice of the initial model (before any training of this run).
+    /// Validation Dice of the initial model (before any training of this run).
     pub initial_dice: Vec<Option<f64>>,
     pub initial_tissue_mean: Option<f64>,
-    /// Held-out Dice of the final model.
+    /// Test Dice of the final model (the store's final evaluation of the session run); empty
+    /// when the run stopped before its final score.
     pub final_dice: Vec<Option<f64>>,
     pub final_tissue_mean: Option<f64>,
     /// Personalisation steps taken after the final model (0: none).
     #[serde(default)]
     pub personalise_steps: usize,
-    /// Held-out Dice of the personalised model (empty without personalisation).
+    /// Test Dice of the personalised model (empty without personalisation).
     #[serde(default)]
     pub personalised_dice: Vec<Option<f64>>,
     #[serde(default)]
     pub personalised_tissue_mean: Option<f64>,
     pub training_cases: u64,
+    #[serde(default)]
+    pub validation_cases: usize,
     pub test_cases: usize,
     pub bytes_sent: u64,
     pub bytes_received: u64,

@@ -1,5 +1,5 @@
 //! Round bookkeeping and personalisation: carrying out the strategy's actions, the evaluation
-//! queue (a round waits for its held-out scores before it is logged and checkpointed, and the
+//! queue (a round waits for its validation scores before it is logged and checkpointed, and the
 //! next round trains only behind that checkpoint), and the personalisation phase after the
 //! strategy has finished.
 
@@ -11,7 +11,7 @@ use tracing::info;
 use super::outbound::Announced;
 use super::trainer::Cmd;
 use super::{DaemonError, RoundLog, Site};
-use cosilo_federation::strategy::{Action, StrategyKind};
+use cosilo_federation::strategy::{Action, Purpose, StrategyKind};
 use cosilo_federation::wire::{topics, Body, Control, Metrics, SiteStatus};
 use cosilo_train::eval::{mean_per_class, CaseScore};
 
@@ -147,6 +147,22 @@ impl Site {
                     let topic = topics::control(&self.out.federation);
                     self.out.send(&topic, body, false).await?;
                 }
+                Action::Offer {
+                    model_version,
+                    weights,
+                } => {
+                    // Answered on a pull (inbound); nothing is published now. The encoding
+                    // made when the model came from the trainer is kept (shared, not copied);
+                    // a site without a broker has none and answers nothing.
+                    if let Some(payload) = weights.encoded {
+                        self.out.last_gossip = Some(Announced {
+                            purpose: Purpose::Gossip,
+                            round: model_version.saturating_sub(1),
+                            model_version,
+                            payload,
+                        });
+                    }
+                }
                 Action::Pull { from, have_version } => {
                     info!(peer = %from, have_version, "pulling a newer model");
                     let body = Body::Control(Control::Pull { from, have_version });
@@ -160,7 +176,9 @@ impl Site {
                 Action::Note(n) => info!("{n}"),
                 Action::Finished => {
                     info!("strategy finished");
-                    self.command(Cmd::Evaluate)?;
+                    self.command(Cmd::FinalScore {
+                        personalised: false,
+                    })?;
                     self.book.pending_eval.push_back(Pending::Final);
                 }
             }
@@ -336,6 +354,6 @@ impl Site {
         info!(loss, "personalisation trained");
         self.book.personalisation = Personalisation::Scoring;
         self.book.pending_eval.push_back(Pending::Personalised);
-        self.command(Cmd::Evaluate)
+        self.command(Cmd::FinalScore { personalised: true })
     }
 }

@@ -64,6 +64,7 @@ fn queued(rx: &std::sync::mpsc::Receiver<Cmd>) -> Vec<String> {
             Cmd::Train { steps, .. } => format!("train {steps}"),
             Cmd::SetWeights(_) => "set".into(),
             Cmd::Evaluate => "evaluate".into(),
+            Cmd::FinalScore { personalised } => format!("final score personalised={personalised}"),
             Cmd::Save(v) => format!("save round {}", v["strategy"]["round"]),
             Cmd::SavePersonalised(_) => "save personalised".into(),
             Cmd::Quit => "quit".into(),
@@ -101,6 +102,37 @@ async fn a_round_is_checkpointed_before_the_next_round_trains() {
     assert_eq!(site.book.rounds.len(), 1);
 }
 
+/// Rounds are scored on validation (`Evaluate`); only the finished strategy's model is scored on
+/// the test cases (`FinalScore`), once.
+#[tokio::test]
+async fn rounds_read_validation_and_only_the_final_model_reads_test() {
+    let (mut site, rx) = offline_site(1, StrategyKind::Local);
+    let a = site.strategy.handle(
+        Input::Start {
+            weights: OwnModel::unsent(vec![]),
+        },
+        0,
+    );
+    site.apply(a).await.unwrap();
+    let mut asked = queued(&rx);
+    for t in 1..=3 {
+        let a = site.strategy.handle(trained(), t);
+        site.apply(a).await.unwrap();
+        asked.extend(queued(&rx));
+        site.evaluated(Vec::new()).await.unwrap();
+        asked.extend(queued(&rx));
+    }
+    assert!(site.strategy.finished());
+    let finals: Vec<&String> = asked.iter().filter(|c| c.starts_with("final")).collect();
+    assert_eq!(finals, ["final score personalised=false"], "{asked:?}");
+    let evaluations = asked.iter().filter(|c| *c == "evaluate").count();
+    assert_eq!(evaluations, 3, "{asked:?}");
+    // The final score is asked for after the last round's evaluation.
+    let last_eval = asked.iter().rposition(|c| c == "evaluate");
+    let fin = asked.iter().position(|c| c.starts_with("final"));
+    assert!(fin > last_eval, "{asked:?}");
+}
+
 #[tokio::test]
 async fn rounds_without_evaluation_are_checkpointed_before_training_on() {
     let (mut site, rx) = offline_site(2, StrategyKind::Local);
@@ -129,7 +161,7 @@ async fn rounds_without_evaluation_are_checkpointed_before_training_on() {
 async fn own_announcement_from_before_a_restart_reaches_the_strategy_a_forged_one_not() {
     // Regression: own messages (a restarted site's earlier announcement, or a forgery with its
     // key) were all dropped unseen.
-    let (mut site, _rx) = offline_site(1, StrategyKind::BrainTorrent);
+    let (mut site, _rx) = offline_site(1, StrategyKind::GossipAvg);
     site.inb.own_seq_floor = 1_000;
     let announcement = |site: &Site, seq: u64, version: u64| {
         let meta = UpdateMeta {

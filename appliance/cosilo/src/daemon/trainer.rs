@@ -11,7 +11,7 @@ use tracing::{debug, info_span};
 
 use super::labels::Classes;
 use super::DaemonError;
-use crate::local::{load_volumes, LocalError, StoreCheckpoints};
+use crate::local::{count_cases, load_test_volumes, load_volumes, LocalError, StoreCheckpoints};
 use cosilo_federation::weights::FlatWeights;
 use cosilo_store::{Split, Store};
 use cosilo_train::data::LabelledVolume;
@@ -27,7 +27,14 @@ pub(super) enum Cmd {
     },
     /// Installs these values (the session's own layout).
     SetWeights(Arc<Vec<f32>>),
+    /// Scores the installed model on the validation cases (what rounds log and strategies rank).
     Evaluate,
+    /// Scores the installed model on the test cases, through the store's
+    /// [`FinalEvaluation`](cosilo_store::FinalEvaluation) for the run (the personalised run with
+    /// `personalised`): the final score, read once per model.
+    FinalScore {
+        personalised: bool,
+    },
     Save(serde_json::Value),
     /// Saves the session as the personalised run.
     SavePersonalised(serde_json::Value),
@@ -39,6 +46,9 @@ pub(super) enum Reply {
     Ready {
         weights: FlatWeights,
         samples: u64,
+        /// Optimiser steps in one pass over this site's labelled training slices.
+        steps_per_epoch: usize,
+        validation_cases: usize,
         test_cases: usize,
         saved: Option<serde_json::Value>,
     },
@@ -57,7 +67,11 @@ pub(super) enum Reply {
 pub(super) struct TrainerSpec {
     pub store: Store,
     pub cfg: TrainConfig,
-    pub schedule_steps: usize,
+    /// Steps the learning-rate schedule spans; `None`: `rounds` local epochs (one epoch a round)
+    /// plus `personalise_steps`, known once the session counted its slices.
+    pub schedule_steps: Option<usize>,
+    pub rounds: usize,
+    pub personalise_steps: usize,
     pub hospital: Option<String>,
     pub run: String,
     pub personal_run: String,
@@ -68,33 +82,43 @@ pub(super) struct TrainerSpec {
     pub classes: Classes,
 }
 
-/// The trainer's session and this site's held-out cases.
+/// The trainer's session and this site's validation cases. The test cases are not loaded here:
+/// only [`Cmd::FinalScore`] reads them, through the store's final-evaluation door.
 struct Trainer {
     spec: TrainerSpec,
     session: Session,
-    test: Vec<LabelledVolume>,
+    validation: Vec<LabelledVolume>,
+    test_cases: usize,
 }
 
 /// Opens the session (restored from the store when a checkpoint exists) and loads the cases.
-type Opened = (Session, Vec<LabelledVolume>, Option<serde_json::Value>);
+type Opened = (
+    Session,
+    Vec<LabelledVolume>,
+    usize,
+    Option<serde_json::Value>,
+);
 
 fn setup(spec: &TrainerSpec) -> Result<Opened, DaemonError> {
     let device = cosilo_train::device().map_err(DaemonError::Train)?;
     let hospital = spec.hospital.as_deref();
-    let train = load_volumes(&spec.store, hospital, Split::Train)
-        .map_err(|e| DaemonError::Cases(Box::new(e)))?;
-    let test = match load_volumes(&spec.store, hospital, Split::Test) {
+    let cases = |e| DaemonError::Cases(Box::new(e));
+    let train = load_volumes(&spec.store, hospital, Split::Train).map_err(cases)?;
+    let validation = match load_volumes(&spec.store, hospital, Split::Validation) {
         Ok(v) => v,
         Err(LocalError::NoCases { .. }) => Vec::new(),
-        Err(e) => return Err(DaemonError::Cases(Box::new(e))),
+        Err(e) => return Err(cases(e)),
     };
+    let test_cases = count_cases(&spec.store, hospital, Split::Test).map_err(cases)?;
     let mut session = Session::new(&spec.cfg, &train, &device).map_err(DaemonError::Train)?;
-    session.set_schedule_steps(spec.schedule_steps);
+    session.set_schedule_steps(spec.schedule_steps.unwrap_or_else(|| {
+        (session.steps_per_epoch() * spec.rounds).saturating_add(spec.personalise_steps)
+    }));
     session.set_gate(spec.gate.clone());
     let saved = session
         .restore(&StoreCheckpoints(&spec.store), &spec.run)
         .map_err(DaemonError::Train)?;
-    Ok((session, test, saved))
+    Ok((session, validation, test_cases, saved))
 }
 
 /// The trainer thread: owns the store and the session until `Quit` or the daemon goes away.
@@ -106,7 +130,7 @@ pub(super) fn run(
     let span = info_span!("trainer", run = %spec.run);
     let _g = span.enter();
     let send = |r: Reply| replies.send(r).is_ok();
-    let (session, test, saved) = match setup(&spec) {
+    let (session, validation, test_cases, saved) = match setup(&spec) {
         Ok(s) => s,
         Err(e) => {
             send(Reply::Failed(e));
@@ -117,7 +141,9 @@ pub(super) fn run(
         Ok(weights) => Reply::Ready {
             weights,
             samples: session.samples(),
-            test_cases: test.len(),
+            steps_per_epoch: session.steps_per_epoch(),
+            validation_cases: validation.len(),
+            test_cases,
             saved,
         },
         Err(e) => Reply::Failed(DaemonError::Train(e)),
@@ -128,7 +154,8 @@ pub(super) fn run(
     let mut trainer = Trainer {
         spec,
         session,
-        test,
+        validation,
+        test_cases,
     };
     while let Ok(cmd) = commands.recv() {
         let reply = match cmd {
@@ -141,6 +168,10 @@ pub(super) fn run(
                 Ok(s) => Reply::Evaluated(s),
                 Err(e) => Reply::Failed(DaemonError::Train(e)),
             },
+            Cmd::FinalScore { personalised } => match trainer.final_score(personalised) {
+                Ok(s) => Reply::Evaluated(s),
+                Err(e) => Reply::Failed(e),
+            },
             Cmd::Save(state) => trainer.save(false, &state),
             Cmd::SavePersonalised(state) => trainer.save(true, &state),
             Cmd::Quit => return,
@@ -152,12 +183,35 @@ pub(super) fn run(
 }
 
 impl Trainer {
+    /// The installed model's scores on the validation cases.
     fn evaluate(&self) -> Result<Vec<CaseScore>, TrainError> {
-        if self.test.is_empty() {
+        if self.validation.is_empty() {
             Ok(Vec::new())
         } else {
-            self.session.evaluate(&self.test)
+            self.session.evaluate(&self.validation)
         }
+    }
+
+    /// The installed model's scores on the test cases: opens the store's final evaluation for
+    /// the run (recording the read), loads this site's test cases and scores them.
+    fn final_score(&self, personalised: bool) -> Result<Vec<CaseScore>, DaemonError> {
+        if self.test_cases == 0 {
+            return Ok(Vec::new());
+        }
+        let spec = &self.spec;
+        let run = if personalised {
+            &spec.personal_run
+        } else {
+            &spec.run
+        };
+        let store_err = |source| DaemonError::Store {
+            path: spec.store.dir().to_path_buf(),
+            source,
+        };
+        let fin = spec.store.final_evaluation(run).map_err(store_err)?;
+        let test = load_test_volumes(&fin, spec.hospital.as_deref())
+            .map_err(|e| DaemonError::Cases(Box::new(e)))?;
+        self.session.evaluate(&test).map_err(DaemonError::Train)
     }
 
     /// `steps` more steps; with `evaluate`, the score the strategy ranks models by.

@@ -1,11 +1,14 @@
-//! Decentralised gossip of versioned models (BrainTorrent-style; see the module docs of `strategy`).
+//! Push-style asynchronous gossip of versioned models with a final sample-weighted average
+//! ("gossip-avg"; see the module docs of `strategy`). Not BrainTorrent as published (that is
+//! [`BrainTorrent`](super::BrainTorrent)): here every site pushes every model it trains, merges
+//! whatever is newer without waiting for anyone, and all sites end on one shared average.
 
 use super::*;
 
-/// Decentralised gossip of versioned models.
-pub struct BrainTorrent {
+/// Push-style asynchronous gossip with a final sample-weighted average.
+pub struct GossipAvg {
     pub(super) ctx: Context,
-    pub(super) s: BrainTorrentState,
+    pub(super) s: GossipAvgState,
     /// The current model (after training and merges).
     pub(super) own: Arc<Vec<f32>>,
     /// This site's model as its last training left it (before merges): its part of the final
@@ -23,7 +26,7 @@ pub struct BrainTorrent {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub(super) struct BrainTorrentState {
+pub(super) struct GossipAvgState {
     /// This site's model version (training rounds done).
     pub(super) version: u64,
     /// The version vector: the version of each peer's model merged last.
@@ -33,7 +36,7 @@ pub(super) struct BrainTorrentState {
     pub(super) done: bool,
 }
 
-impl BrainTorrent {
+impl GossipAvg {
     /// Merges own + every peer model newer than the version vector's entry.
     fn merge(&mut self) -> Vec<Action> {
         let newer: Vec<String> = self
@@ -174,7 +177,7 @@ impl BrainTorrent {
     }
 }
 
-impl Strategy for BrainTorrent {
+impl Strategy for GossipAvg {
     fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Action> {
         if self.s.done {
             return if matches!(input, Input::Start { .. }) {

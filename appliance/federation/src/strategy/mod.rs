@@ -10,29 +10,41 @@
 //!   delivered, or at the deadline when a quorum is in, or alone after the update timeout. When
 //!   all deliver, all sites compute the same sum in the same order and hold identical weights. A
 //!   dead site does not stall the rest; a late round-`r` update is ignored.
-//! - [`BrainTorrent`]: every site trains, increments its model version, announces the model, and
-//!   merges (own + every peer model newer than the version vector's entry, sample-weighted)
-//!   without waiting for anyone (Roy et al., 2019). Presence announcing a version it has not
-//!   received yields a Pull. After its last round a site waits (up to the update timeout) for
-//!   the peers' final models, then averages every site's final model at once (its own as
-//!   trained, sample-weighted, summed in site-id order): with every final model in, all sites
-//!   hold the same shared model. (Merging each final model as it arrived made the result depend
-//!   on arrival order and left a small site's model mostly whichever peer came last.)
+//! - [`BrainTorrent`]: the published protocol (Roy et al., 2019). Every site trains its own
+//!   model; at each step one initiator, drawn from the roster and the step number by every site
+//!   alike ([`braintorrent::initiator`]), pulls the peers' models newer than its version vector
+//!   and averages them with its own; only the initiator's model changes. Each site ends with its
+//!   own model.
+//! - [`GossipAvg`] ("gossip-avg"): push-style asynchronous gossip. Every site trains, increments
+//!   its model version, announces the model, and merges (own + every peer model newer than the
+//!   version vector's entry, sample-weighted) without waiting for anyone. Presence announcing a
+//!   version it has not received yields a Pull. After its last round a site waits (up to the
+//!   update timeout) for the peers' final models, then averages every site's final model at once
+//!   (its own as trained, sample-weighted, summed in site-id order): with every final model in,
+//!   all sites hold the same shared model. (Merging each final model as it arrived made the
+//!   result depend on arrival order and left a small site's model mostly whichever peer came
+//!   last.) This was called BrainTorrent before; it is not the paper's protocol.
 //! - [`Cyclic`] (CIIL): a token passes round the roster in site-id order; the holder trains
 //!   `steps_per_round` steps and passes model and token on; `rounds` cycles.
-//! - [`Incremental`] (IIL): each site once, in order, trains until its own held-out Dice has not
-//!   improved for `patience` rounds (at most `rounds`) and passes its best model on.
+//! - [`Incremental`] (IIL): each site once, in order, trains until its own validation Dice has
+//!   not improved for `patience` rounds (at most `rounds`) and passes its best model on.
+//!
+//! As in Sheller et al. (2018), a round is one local epoch when the daemon is configured with
+//! `steps_per_round = 0` (`steps_per_round` is then each site's own pass over its labelled
+//! slices), so IIL's patience counts epochs.
 //!
 //! Weights move without copies: this site's model comes as an [`OwnModel`] (values as peers
 //! decode them, plus their encoding, made once by the daemon and shared by reference count), and
 //! a peer's model stays in its wire encoding ([`EncodedWeights`], checked on arrival) until an
 //! average streams it. Memory beyond the session's own model, with P peers and M the size of
 //! one `f32` model: FedAvg, one running sum (M) plus updates that arrive ahead of a missing
-//! lower-id site, waiting encoded; BrainTorrent-style gossip, this site's trained and merged
-//! models (≤ 2M) and one accumulator while it averages (M), plus every peer's newest model
-//! encoded (P × the wire size, about M/2 for `f16+zstd`): the final average needs each peer's
-//! newest model and a newer version replaces an older one, so gossip cannot fold them into a sum
-//! as they arrive; CIIL/IIL, the model being passed on.
+//! lower-id site, waiting encoded; BrainTorrent, the offered model (shared with the session's,
+//! not copied), the newest model it pulled from each peer as initiator, encoded (at most P × the
+//! wire size, about M/2 each for `f16+zstd`; models that reach a site not gathering are dropped),
+//! and one accumulator while it averages (M); gossip-avg, this site's trained and merged models (≤ 2M) and one accumulator
+//! while it averages (M), plus every peer's newest model encoded (P × the wire size): the final
+//! average needs each peer's newest model and a newer version replaces an older one, so gossip
+//! cannot fold them into a sum as they arrive; CIIL/IIL, the model being passed on.
 //!
 //! Every average goes through [`WeightedAverage`], the one kernel. Each machine's control state
 //! serialises to JSON ([`Strategy::snapshot`]) and is saved with the session checkpoint; models
@@ -51,8 +63,11 @@ use super::weights::EncodedWeights;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StrategyKind {
-    /// Decentralised gossip of versioned models (Roy et al., 2019).
+    /// BrainTorrent as published (Roy et al., 2019): one pulling initiator per step.
     BrainTorrent,
+    /// Push-style asynchronous gossip with a final sample-weighted average.
+    #[serde(rename = "gossip-avg")]
+    GossipAvg,
     /// Federated averaging without a server: every site averages every round's updates.
     FedAvg,
     /// Cyclic institutional incremental learning: a token passes the model round the ring.
@@ -68,6 +83,7 @@ impl StrategyKind {
     pub fn name(self) -> &'static str {
         match self {
             StrategyKind::BrainTorrent => "braintorrent",
+            StrategyKind::GossipAvg => "gossip-avg",
             StrategyKind::FedAvg => "fedavg",
             StrategyKind::Ciil => "ciil",
             StrategyKind::Iil => "iil",
@@ -79,7 +95,7 @@ impl StrategyKind {
 /// What a model message is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Purpose {
-    /// BrainTorrent's announced latest model.
+    /// BrainTorrent's and gossip-avg's latest model.
     Gossip,
     /// FedAvg's round update.
     Round,
@@ -182,6 +198,12 @@ pub enum Action {
         cycle: u32,
         position: u32,
     },
+    /// Keep this model to answer peers' pulls with (published only when pulled; its encoding
+    /// is shared, not copied).
+    Offer {
+        model_version: u64,
+        weights: OwnModel,
+    },
     /// Ask `from` for its latest model.
     Pull { from: String, have_version: u64 },
     /// Round `round` is over with the installed model: evaluate, log, checkpoint, publish metrics.
@@ -244,7 +266,7 @@ pub trait Strategy: Send {
     fn snapshot(&self) -> serde_json::Value;
     /// The round in progress (or rounds done, when finished).
     fn round(&self) -> u64;
-    /// The model version (BrainTorrent; others count rounds).
+    /// The model version (BrainTorrent, gossip-avg; others count rounds).
     fn model_version(&self) -> u64 {
         self.round()
     }
@@ -288,6 +310,13 @@ pub fn build(
             left: BTreeSet::new(),
         }),
         StrategyKind::BrainTorrent => Box::new(BrainTorrent {
+            ctx,
+            s: state(saved)?,
+            own: Arc::default(),
+            latest: BTreeMap::new(),
+            peers: BTreeMap::new(),
+        }),
+        StrategyKind::GossipAvg => Box::new(GossipAvg {
             ctx,
             s: state(saved)?,
             own: Arc::default(),
@@ -361,6 +390,7 @@ pub(super) fn set_peer_model(m: &PeerModel) -> Action {
     }
 }
 
+pub mod braintorrent;
 mod cyclic;
 mod fedavg;
 mod gossip;
@@ -369,8 +399,9 @@ mod local;
 #[cfg(test)]
 mod tests;
 
+pub use braintorrent::BrainTorrent;
 pub use cyclic::Cyclic;
 pub use fedavg::FedAvg;
-pub use gossip::BrainTorrent;
+pub use gossip::GossipAvg;
 pub use incremental::Incremental;
 pub use local::LocalOnly;

@@ -259,10 +259,10 @@ fn fedavg_resends_its_round_update_to_a_joining_peer() {
 }
 
 #[test]
-fn braintorrent_never_reuses_a_version_announced_before_a_restart() {
+fn gossip_avg_never_reuses_a_version_announced_before_a_restart() {
     // Regression: a restarted site reused version numbers. h1 published v1 and v2, was killed with its checkpoint
     // at v1, and republished another v2 that peers ignored (they hold a v2 of h1).
-    let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 4), None).unwrap();
+    let mut s = build(StrategyKind::GossipAvg, ctx("h1", 4), None).unwrap();
     s.handle(
         Input::Start {
             weights: own(vec![0.0; 4]),
@@ -274,7 +274,7 @@ fn braintorrent_never_reuses_a_version_announced_before_a_restart() {
     let a = s.handle(trained(2.0), 20);
     assert_eq!(published(&a)[0].1, 2);
     // Restart from the v1 checkpoint; the broker hands back the retained v2 announcement.
-    let mut r = build(StrategyKind::BrainTorrent, ctx("h1", 4), Some(&checkpoint)).unwrap();
+    let mut r = build(StrategyKind::GossipAvg, ctx("h1", 4), Some(&checkpoint)).unwrap();
     assert_eq!(r.model_version(), 1);
     assert!(trains(&r.handle(
         Input::Start {
@@ -303,7 +303,7 @@ fn braintorrent_never_reuses_a_version_announced_before_a_restart() {
     );
     assert_eq!(r.model_version(), 3);
     // A peer that held h1's v2 takes the new v3.
-    let mut peer = build(StrategyKind::BrainTorrent, ctx("h2", 4), None).unwrap();
+    let mut peer = build(StrategyKind::GossipAvg, ctx("h2", 4), None).unwrap();
     peer.handle(
         Input::Start {
             weights: own(vec![0.0; 4]),
@@ -318,8 +318,8 @@ fn braintorrent_never_reuses_a_version_announced_before_a_restart() {
 }
 
 #[test]
-fn braintorrent_merges_newer_peers_without_waiting() {
-    let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 2), None).unwrap();
+fn gossip_avg_merges_newer_peers_without_waiting() {
+    let mut s = build(StrategyKind::GossipAvg, ctx("h1", 2), None).unwrap();
     assert!(trains(&s.handle(
         Input::Start {
             weights: own(vec![0.0; 4])
@@ -381,13 +381,13 @@ fn braintorrent_merges_newer_peers_without_waiting() {
     assert_eq!(a.last(), Some(&Action::Finished));
     // A restart restores the version vector.
     let saved = s.snapshot();
-    let r = build(StrategyKind::BrainTorrent, ctx("h1", 2), Some(&saved)).unwrap();
+    let r = build(StrategyKind::GossipAvg, ctx("h1", 2), Some(&saved)).unwrap();
     assert_eq!(r.versions_seen(), s.versions_seen());
     assert!(r.finished());
 }
 
 #[test]
-fn braintorrent_final_average_is_one_shared_model_in_any_arrival_order() {
+fn gossip_avg_final_average_is_one_shared_model_in_any_arrival_order() {
     // Regression: merging each final model as it arrived left h3 (5 cases) with 3/4 of
     // whichever peer came last, and every site with another model.
     let (samples, value) = ([40u64, 15, 5], [1.0f32, 2.0, 7.0]);
@@ -399,7 +399,7 @@ fn braintorrent_final_average_is_one_shared_model_in_any_arrival_order() {
     for (i, (before, after)) in orders.iter().enumerate() {
         let mut c = ctx(sites[i], 1);
         c.samples = samples[i];
-        let mut s = build(StrategyKind::BrainTorrent, c, None).unwrap();
+        let mut s = build(StrategyKind::GossipAvg, c, None).unwrap();
         s.handle(
             Input::Start {
                 weights: own(vec![0.0; 4]),
@@ -448,8 +448,8 @@ fn braintorrent_final_average_is_one_shared_model_in_any_arrival_order() {
 }
 
 #[test]
-fn braintorrent_gives_up_on_a_dead_peer() {
-    let mut s = build(StrategyKind::BrainTorrent, ctx("h1", 1), None).unwrap();
+fn gossip_avg_gives_up_on_a_dead_peer() {
+    let mut s = build(StrategyKind::GossipAvg, ctx("h1", 1), None).unwrap();
     s.handle(
         Input::Start {
             weights: own(vec![0.0; 4]),
@@ -646,4 +646,198 @@ fn fedavg_running_sum_is_bit_identical_to_the_ordered_average_in_any_arrival_ord
             "arrival order {order:?} changed the average"
         );
     }
+}
+
+fn presence(site: &str, version: u64, round: u64) -> Input {
+    Input::Presence {
+        site: site.into(),
+        status: PeerStatus::Training,
+        model_version: version,
+        round,
+    }
+}
+
+fn sites3() -> Vec<String> {
+    vec!["h1".into(), "h2".into(), "h3".into()]
+}
+
+/// The initiator is the same draw at every site, depends on the step only (and the roster), and
+/// every site initiates some steps.
+#[test]
+fn braintorrent_initiator_is_a_seeded_draw_every_site_computes_alike() {
+    let sites = sites3();
+    let draws: Vec<usize> = (0..300)
+        .map(|t| braintorrent::initiator(&sites, t))
+        .collect();
+    let again: Vec<usize> = (0..300)
+        .map(|t| braintorrent::initiator(&sites, t))
+        .collect();
+    assert_eq!(draws, again);
+    for i in 0..3 {
+        let n = draws.iter().filter(|&&d| d == i).count();
+        assert!(
+            (60..140).contains(&n),
+            "site {i} initiates {n} of 300 steps"
+        );
+    }
+    // Not a fixed rotation.
+    assert!(draws.windows(2).any(|w| w[0] == w[1]));
+    let other: Vec<String> = vec!["a".into(), "b".into(), "c".into()];
+    let other_draws: Vec<usize> = (0..300)
+        .map(|t| braintorrent::initiator(&other, t))
+        .collect();
+    assert_ne!(draws, other_draws);
+}
+
+/// One step as in the paper: the initiator waits for its peers' step models, pulls only what is
+/// newer than its version vector, and replaces its model by the sample-weighted average; a
+/// non-initiator never changes its model, even when a pulled model passes by.
+#[test]
+fn braintorrent_only_the_initiator_pulls_and_changes_its_model() {
+    let sites = sites3();
+    let first = braintorrent::initiator(&sites, 0);
+    let me = sites[first].clone();
+    let peers: Vec<String> = sites.iter().filter(|s| **s != me).cloned().collect();
+
+    let mut c = ctx(&me, 1);
+    c.samples = 10;
+    let mut s = build(StrategyKind::BrainTorrent, c, None).unwrap();
+    assert!(trains(&s.handle(
+        Input::Start {
+            weights: own(vec![0.0; 4])
+        },
+        0
+    )));
+    let a = s.handle(trained(1.0), 10);
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Offer {
+            model_version: 1,
+            ..
+        }
+    )));
+    assert!(!a.iter().any(|a| matches!(a, Action::Publish { .. })));
+    // Nobody has trained step 1 yet: no pull, no merge.
+    assert!(!a
+        .iter()
+        .any(|a| matches!(a, Action::Pull { .. } | Action::SetModel(_))));
+    // A peer announces version 1: pulled, once.
+    let a = s.handle(presence(&peers[0], 1, 1), 20);
+    assert_eq!(
+        a,
+        vec![Action::Pull {
+            from: peers[0].clone(),
+            have_version: 0
+        }]
+    );
+    assert!(s.handle(presence(&peers[0], 1, 1), 21).is_empty());
+    let a = s.handle(model(&peers[0], Purpose::Gossip, 0, 1, 30, 5.0), 30);
+    assert!(
+        set_model(&a).is_none(),
+        "merged before every peer's model was in"
+    );
+    s.handle(presence(&peers[1], 1, 1), 40);
+    let a = s.handle(model(&peers[1], Purpose::Gossip, 0, 1, 60, 9.0), 50);
+    // (10·1 + 30·5 + 60·9) / 100 = 7.0
+    let merged = set_model(&a).expect("the initiator merges");
+    assert!(merged.iter().all(|&v| (v - 7.0).abs() < 1e-6), "{merged:?}");
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::EndOfRound { round: 0, contributors } if contributors.len() == 3
+    )));
+    assert_eq!(s.versions_seen().get(&peers[0]), Some(&1));
+    // Its peers have finished their one step: done.
+    assert_eq!(a.last(), Some(&Action::Finished));
+
+    // A non-initiator of the same step: trains, offers, logs the round with itself alone, and
+    // ignores the pulled models that reach it.
+    let mut n = build(StrategyKind::BrainTorrent, ctx(&peers[0], 1), None).unwrap();
+    n.handle(
+        Input::Start {
+            weights: own(vec![0.0; 4]),
+        },
+        0,
+    );
+    let a = n.handle(trained(5.0), 10);
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Offer {
+            model_version: 1,
+            ..
+        }
+    )));
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::EndOfRound { round: 0, contributors } if contributors.len() == 1
+    )));
+    assert!(!a.iter().any(|a| matches!(a, Action::Pull { .. })));
+    let a = n.handle(model(&me, Purpose::Gossip, 0, 1, 10, 1.0), 20);
+    assert!(set_model(&a).is_none());
+    // It stays (answering pulls) until every peer has finished its steps.
+    assert!(!n.finished());
+    n.handle(presence(&me, 1, 1), 30);
+    let a = n.handle(presence(&peers[1], 1, 1), 31);
+    assert_eq!(a.last(), Some(&Action::Finished));
+}
+
+/// An initiator whose peer never trains gives up at the update timeout and merges what it has.
+#[test]
+fn braintorrent_initiator_gives_up_on_a_silent_peer() {
+    let sites = sites3();
+    let me = sites[braintorrent::initiator(&sites, 0)].clone();
+    let peers: Vec<String> = sites.iter().filter(|s| **s != me).cloned().collect();
+    let mut s = build(StrategyKind::BrainTorrent, ctx(&me, 2), None).unwrap();
+    s.handle(
+        Input::Start {
+            weights: own(vec![0.0; 4]),
+        },
+        0,
+    );
+    s.handle(trained(1.0), 10);
+    s.handle(presence(&peers[0], 1, 1), 20);
+    let a = s.handle(model(&peers[0], Purpose::Gossip, 0, 1, 10, 3.0), 30);
+    assert!(set_model(&a).is_none());
+    assert!(s.handle(Input::Tick, 5_000).is_empty());
+    let a = s.handle(Input::Tick, 10_011);
+    let merged = set_model(&a).expect("merged at the timeout");
+    assert!(merged.iter().all(|&v| (v - 2.0).abs() < 1e-6), "{merged:?}");
+    assert!(trains(&a), "the next step trains");
+    assert_eq!(s.round(), 1);
+}
+
+/// The state survives a checkpoint: version vector and step come back.
+#[test]
+fn braintorrent_state_round_trips_through_a_snapshot() {
+    let sites = sites3();
+    let me = sites[braintorrent::initiator(&sites, 0)].clone();
+    let peer = sites.iter().find(|s| **s != me).unwrap().clone();
+    let mut s = build(StrategyKind::BrainTorrent, ctx(&me, 3), None).unwrap();
+    s.handle(
+        Input::Start {
+            weights: own(vec![0.0; 4]),
+        },
+        0,
+    );
+    s.handle(trained(1.0), 10);
+    s.handle(presence(&peer, 1, 1), 20);
+    s.handle(model(&peer, Purpose::Gossip, 0, 1, 10, 3.0), 30);
+    s.handle(Input::Tick, 100_000);
+    let saved = s.snapshot();
+    let mut r = build(StrategyKind::BrainTorrent, ctx(&me, 3), Some(&saved)).unwrap();
+    assert_eq!(r.round(), 1);
+    assert_eq!(r.versions_seen().get(&peer), Some(&1));
+    let a = r.handle(
+        Input::Start {
+            weights: own(vec![2.0; 4]),
+        },
+        0,
+    );
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Offer {
+            model_version: 1,
+            ..
+        }
+    )));
+    assert!(trains(&a));
 }

@@ -183,7 +183,7 @@ pub enum SiteStatus {
 /// Why an update is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UpdatePurpose {
-    /// A BrainTorrent model pushed to, or pulled by, a peer.
+    /// A BrainTorrent model pulled by a peer, or a gossip-avg model pushed to peers.
     BrainTorrent = 0,
     /// A FedAvg round's local update.
     FedAvgRound = 1,

@@ -44,6 +44,9 @@ pub struct HospitalRecord {
     pub grid: GridRecord,
     pub scanner: ScannerProfile,
     pub train_cases: usize,
+    /// Absent from manifests written before the validation split: 0.
+    #[serde(default)]
+    pub validation_cases: usize,
     pub test_cases: usize,
 }
 
@@ -55,7 +58,7 @@ pub struct GridRecord {
     pub affine: [[f64; 4]; 4],
 }
 
-/// Training or held-out test case: the store's own split, so a manifest's cases import as they are.
+/// Training, validation or held-out test case: the store's own split, so a manifest's cases import as they are.
 pub use cosilo_store::Split;
 
 /// One simulated patient.

@@ -167,13 +167,16 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-/// What to build: the seed, training patients per hospital and test patients per hospital.
+/// What to build: the seed, training patients per hospital, and validation and test patients per
+/// hospital.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CohortSpec {
     pub seed: u64,
     /// Training patients of each hospital, in [`HOSPITALS`] order.
     pub train: [usize; 3],
-    /// Held-out test patients per hospital.
+    /// Held-out validation patients per hospital: what early stopping and model choice read.
+    pub validation: usize,
+    /// Held-out test patients per hospital: read once per run, for the final score.
     pub test: usize,
 }
 
@@ -202,7 +205,26 @@ impl CohortSpec {
         if train.iter().any(|&n| n > 9999) || test > 9999 {
             return Err(bad("at most 9999 patients per hospital and split"));
         }
-        Ok(CohortSpec { seed, train, test })
+        Ok(CohortSpec {
+            seed,
+            train,
+            validation: 0,
+            test,
+        })
+    }
+
+    /// The same cohort with `n` validation patients per hospital. Validation patients draw from
+    /// streams of their own and take the identities after the test patients', so adding them
+    /// leaves every training and test case byte for byte as it was.
+    pub fn with_validation(mut self, n: usize) -> Result<CohortSpec, CohortError> {
+        if n > 9999 {
+            return Err(CohortError::Sizes {
+                given: n.to_string(),
+                reason: "at most 9999 patients per hospital and split".into(),
+            });
+        }
+        self.validation = n;
+        Ok(self)
     }
 }
 
@@ -268,6 +290,7 @@ impl Job {
             Split::Train => 0u64,
             Split::Test => 1,
             Split::Unlabelled => 2,
+            Split::Validation => 3,
         };
         ((self.hospital as u64 + 1) << 40) | (split << 32) | self.index as u64
     }
@@ -336,12 +359,18 @@ fn plan_jobs(out: &Path, spec: &CohortSpec) -> Result<Vec<Job>, CohortError> {
     for (h, hospital) in HOSPITALS.iter().enumerate() {
         let dir = out.join(hospital.id);
         std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
-        let n = spec.train[h] + spec.test;
+        let n = spec.train[h] + spec.test + spec.validation;
         let prefix = hospital.id.to_uppercase();
         let ids = identity::identities(&mut Rng::derive(spec.seed, identity_stream(h)), &prefix, n);
         let mut ids = ids.into_iter();
         let mut order = 0;
-        for (split, count) in [(Split::Train, spec.train[h]), (Split::Test, spec.test)] {
+        // Validation last, so that its identities come after (and leave) the others'.
+        let splits = [
+            (Split::Train, spec.train[h]),
+            (Split::Test, spec.test),
+            (Split::Validation, spec.validation),
+        ];
+        for (split, count) in splits {
             for index in 0..count {
                 let identity = ids.next().expect("one identity per case");
                 jobs.push(Job {
@@ -471,6 +500,7 @@ fn hospital_records(
             },
             scanner: hospital.scanner,
             train_cases: spec.train[h],
+            validation_cases: spec.validation,
             test_cases: spec.test,
         });
     }
@@ -563,6 +593,43 @@ mod tests {
         assert!(CohortSpec::new(7, "40,15", 4).is_err());
         assert!(CohortSpec::new(7, "40,x,5", 4).is_err());
         assert!(CohortSpec::new(7, "0,0,0", 0).is_err());
+    }
+
+    /// Three splits: adding validation patients leaves the training and test patients (ids,
+    /// identities, random streams) as they were, and the validation patients are distinct.
+    #[test]
+    fn validation_patients_leave_training_and_test_patients_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = CohortSpec::new(7, "3,2,1", 2).unwrap();
+        let three = plain.clone().with_validation(2).unwrap();
+        assert!(plain.clone().with_validation(10_000).is_err());
+        let key = |j: &Job| (j.case_id(), j.identity.id.clone(), j.stream());
+        let a: Vec<_> = plan_jobs(dir.path(), &plain)
+            .unwrap()
+            .iter()
+            .map(key)
+            .collect();
+        let b: Vec<_> = plan_jobs(dir.path(), &three)
+            .unwrap()
+            .iter()
+            .map(key)
+            .collect();
+        let before: Vec<_> = b
+            .iter()
+            .filter(|(id, _, _)| !id.contains("-validation-"))
+            .cloned()
+            .collect();
+        assert_eq!(a, before);
+        let val: Vec<_> = b
+            .iter()
+            .filter(|(id, _, _)| id.contains("-validation-"))
+            .collect();
+        assert_eq!(val.len(), 3 * 2);
+        for (id, ident, stream) in &val {
+            assert!(a
+                .iter()
+                .all(|(i, p, s)| i != id && p != ident && s != stream));
+        }
     }
 
     /// The real anatomy, prepared once per test process. Fails (never skips) without the cache.
