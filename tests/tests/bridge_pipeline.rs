@@ -629,7 +629,20 @@ fn a_partial_case_is_replaced_by_the_complete_series_with_its_reason() -> Result
     b.wait_log("series imported", 1, LIMIT)?;
     storescu(b.port, &ct.files)?;
     b.wait_log("case replaced by a more complete series", 1, LIMIT)?;
+    // `cases remove` while the bridge process runs and holds the store: refused, saying why.
+    let out = Command::new(&bin)
+        .args(["cases", "--store"])
+        .arg(&store_dir)
+        .args(["remove", "any-case"])
+        .output()?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "remove while the bridge runs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.check_alive()?;
     b.stop()?;
+    // Nothing was changed by the refused remove.
     let id = one_complete_case(&store_dir, &ct)?;
     let history = Store::open(&store_dir)?.case_history(&id)?;
     ensure!(history.len() == 1, "{history:?}");
