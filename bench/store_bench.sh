@@ -76,5 +76,23 @@ JSON
     fi
     kill "$RX_PID" 2>/dev/null || true; wait "$RX_PID" 2>/dev/null || true
     printf "| %s | %d | %d/%d | %.3f | %.0f | %.0f |\n" "$rx" "$rep" "$GOT" "$N" "$S" "$(echo "$N / $S" | bc -l)" "$(echo "$BYTES / $S / 1000000" | bc -l)"
+    echo "$rx $S" >>"$WORK/times"
   done
 done
+
+# Medians per receiver (of the seconds), and the ratios of instances/s to Orthanc and storescp.
+echo
+echo "| receiver | median s | instances/s (median) | vs orthanc | vs storescp |"
+echo "|---|---|---|---|---|"
+python3 - "$WORK/times" "$N" <<'PY'
+import statistics, sys
+times = {}
+for line in open(sys.argv[1]):
+    rx, s = line.split()
+    times.setdefault(rx, []).append(float(s))
+n = int(sys.argv[2])
+rate = {rx: n / statistics.median(v) for rx, v in times.items()}
+for rx, v in times.items():
+    print(f"| {rx} | {statistics.median(v):.3f} | {rate[rx]:.0f} | "
+          f"{rate[rx] / rate['orthanc']:.2f}x | {rate[rx] / rate['storescp']:.2f}x |")
+PY

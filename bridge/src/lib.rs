@@ -15,6 +15,8 @@
 //! - [`spool`]: the durable spool ([`spool::SpoolSink`]) the SCP writes through.
 //! - [`journal`]: the spool's write-ahead journal (one device flush per received instance).
 //! - [`scu`]: the client side: C-FIND / C-MOVE query-retrieve and C-STORE sends.
+//! - [`fetch`]: completes a waiting series by C-MOVEing from the PACS exactly the instances it
+//!   lacks.
 //! - [`config`]: typed configuration of the network side (SCP, PACS peer, spool, outbox).
 //! - [`init`]: `cosilo bridge init` (state directory, a 0600 de-identification key, a config).
 //! - [`outbox`]: the persistent retry queue for results going back to the PACS.
@@ -33,6 +35,7 @@ pub mod config;
 pub mod deid;
 pub mod dimse;
 pub mod door;
+pub mod fetch;
 pub mod guard;
 pub mod init;
 pub mod journal;

@@ -234,6 +234,11 @@ impl DeidSink {
         self.deid.mapping().map_or(Ok(()), MappingStore::sync)
     }
 
+    /// The de-identifier (its keyed hash and pseudonym table).
+    pub fn deidentifier(&self) -> &Deidentifier {
+        &self.deid
+    }
+
     fn sync_mapping_or_log(&self) {
         if let Err(e) = self.sync_mapping() {
             tracing::error!(error = %cosilo_hardware::error_text::error_chain(&e),
@@ -306,6 +311,9 @@ pub struct RunReport {
     pub imported: Vec<String>,
     /// `(series, reason)` of series the sink or the assembler refused.
     pub refused: Vec<(String, String)>,
+    /// Instances of incomplete series C-MOVEd from the PACS ([`crate::fetch`]), as the PACS
+    /// counted them completed.
+    pub fetched: u64,
     /// Write-back: the outbox's passes summed (`waiting` is that of the last pass). All zero when
     /// no PACS is configured.
     pub outbox: outbox::RunReport,
@@ -340,6 +348,40 @@ fn outbox_loop(
         }
     }
     total
+}
+
+/// Asks `pacs` for the missing instances of the incomplete series `(study, series)`
+/// ([`crate::fetch::fetch_missing`]), moving them to our own AE title; returns how many the PACS
+/// moved. A failure is logged and the series keeps waiting (bounded by the incomplete wait) for a
+/// sender to complete it.
+fn fetch_or_log(
+    cfg: &BridgeConfig,
+    pacs: &crate::scu::PeerAe,
+    sink: &DeidSink,
+    study: &str,
+    series: &str,
+) -> u64 {
+    let fetched = crate::fetch::fetch_missing(
+        pacs,
+        &cfg.network.ae_title,
+        sink.deidentifier(),
+        &cfg.network.spool_dir,
+        study,
+        series,
+    );
+    match fetched {
+        Ok(f) => {
+            tracing::info!(series, at_pacs = f.at_pacs, held = f.held, requested = f.requested,
+                moved = f.moved, failed = f.failed, pacs = %pacs.ae_title,
+                "asked the PACS for the missing instances of an incomplete series");
+            u64::from(f.moved)
+        }
+        Err(e) => {
+            tracing::warn!(series, error = %cosilo_hardware::error_text::error_chain(&e),
+                "cannot fetch the missing instances from the PACS; the series waits for a sender");
+            0
+        }
+    }
 }
 
 impl Bridge {
@@ -401,6 +443,7 @@ impl Bridge {
                 max_bytes: cfg.assembly.done_max_bytes,
             };
             let mut retained_at: Option<std::time::Instant> = None;
+            let mut fetched = 0u64;
             while !shutdown.load(Ordering::SeqCst) {
                 std::thread::sleep(interval);
                 if retained_at.is_none_or(|t| t.elapsed() >= RETENTION_EVERY) {
@@ -414,7 +457,14 @@ impl Bridge {
                 }
                 sink.sync_mapping_or_log();
                 match assembler.poll(series_sink.as_ref()) {
-                    Ok(r) => add(r),
+                    Ok(r) => {
+                        if let Some(pacs) = &cfg.network.pacs {
+                            for (study, series) in &r.incomplete {
+                                fetched += fetch_or_log(cfg, pacs, &sink, study, series);
+                            }
+                        }
+                        add(r)
+                    }
                     Err(e) => {
                         result = Err(PipelineError::Poll(e));
                         break;
@@ -434,6 +484,7 @@ impl Bridge {
                 // The loop never panics on its own; a panic here is a bug worth propagating.
                 report.outbox = t.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
             }
+            report.fetched = fetched;
             result.map(|()| report)
         })
     }

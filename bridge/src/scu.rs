@@ -564,16 +564,83 @@ pub fn move_(
             put_str(&mut q, tags::SERIES_INSTANCE_UID, VR::UI, series_uid);
         }
     }
-    let ident = encode_identifier(&q, &ts, "C-MOVE identifier")?;
+    let outcome = move_request(&mut assoc, peer, pc, &ts, &q, 1, destination_ae);
+    release(assoc);
+    outcome
+}
+
+/// Study Root C-MOVE of single instances (image level) of one series to `destination_ae`: one
+/// C-MOVE request per SOP Instance UID, all on one association, their counters summed. Used to
+/// fetch exactly the instances a series lacks ([`crate::fetch`]). A request the PACS answers with
+/// a failure status ends the call with that error.
+pub fn move_instances(
+    peer: &PeerAe,
+    study_uid: &str,
+    series_uid: &str,
+    sop_instance_uids: &[String],
+    destination_ae: &str,
+) -> Result<MoveOutcome, ScuError> {
+    let mut total = MoveOutcome::default();
+    if sop_instance_uids.is_empty() {
+        return Ok(total);
+    }
+    let mut assoc = associate(
+        peer,
+        &[(
+            STUDY_ROOT_MOVE.into(),
+            vec![EXPLICIT_LE.into(), IMPLICIT_LE.into()],
+        )],
+    )?;
+    let (pc, ts) = accepted(&assoc, STUDY_ROOT_MOVE).ok_or_else(|| ScuError::NoContext {
+        peer: peer.address.clone(),
+        what: "Study Root MOVE".into(),
+    })?;
+    for (k, sop) in sop_instance_uids.iter().enumerate() {
+        let mut q = InMemDicomObject::new_empty();
+        put_str(&mut q, tags::QUERY_RETRIEVE_LEVEL, VR::CS, "IMAGE");
+        put_str(&mut q, tags::STUDY_INSTANCE_UID, VR::UI, study_uid);
+        put_str(&mut q, tags::SERIES_INSTANCE_UID, VR::UI, series_uid);
+        put_str(&mut q, tags::SOP_INSTANCE_UID, VR::UI, sop);
+        // Message ids 1..=65535, wrapping for longer lists (one request is outstanding at a time).
+        let id = (k % usize::from(u16::MAX)) as u16 + 1;
+        match move_request(&mut assoc, peer, pc, &ts, &q, id, destination_ae) {
+            Ok(o) => {
+                total.completed += o.completed;
+                total.failed += o.failed;
+                total.warning += o.warning;
+                total.status = o.status;
+            }
+            Err(e) => {
+                release(assoc);
+                return Err(e);
+            }
+        }
+    }
+    release(assoc);
+    Ok(total)
+}
+
+/// Sends one C-MOVE-RQ with identifier `q` on an open association and waits for its final
+/// response.
+fn move_request(
+    assoc: &mut ClientAssociation<TcpStream>,
+    peer: &PeerAe,
+    pc: u8,
+    ts: &str,
+    q: &InMemDicomObject,
+    message_id: u16,
+    destination_ae: &str,
+) -> Result<MoveOutcome, ScuError> {
+    let ident = encode_identifier(q, ts, "C-MOVE identifier")?;
     let rq = Command::MoveRq(CMoveRq {
-        message_id: 1,
+        message_id,
         priority: Priority::Medium,
         affected_sop_class_uid: STUDY_ROOT_MOVE.into(),
         move_destination: destination_ae.into(),
     });
-    send_command(&mut assoc, peer, pc, &rq, Some(&ident))?;
+    send_command(assoc, peer, pc, &rq, Some(&ident))?;
     loop {
-        let (rsp, _) = receive_message(&mut assoc, peer)?;
+        let (rsp, _) = receive_message(assoc, peer)?;
         let Command::MoveRsp(r) = rsp else {
             return Err(ScuError::Receive {
                 peer: peer.address.clone(),
@@ -583,7 +650,6 @@ pub fn move_(
         if r.status.kind() == StatusKind::Pending {
             continue;
         }
-        release(assoc);
         let s = r.sub_operations;
         let outcome = MoveOutcome {
             completed: s.completed.unwrap_or(0).into(),

@@ -473,6 +473,67 @@ fn aborted_association_waits_and_the_resend_makes_one_complete_case() -> Result<
     Ok(())
 }
 
+/// With a PACS configured, the bridge does not wait for a sender: an association aborted after
+/// 50 of the 108 instances leaves the series interrupted, the bridge asks the PACS (a real Orthanc
+/// holding the series) which instances the series has, C-MOVEs to itself exactly the 58 it lacks,
+/// and imports one complete case.
+#[test]
+fn aborted_association_is_completed_by_the_bridges_own_c_move() -> Result<()> {
+    use cosilo_tests::orthanc::{free_port, Orthanc};
+    let tmp = tempfile::tempdir()?;
+    let (bin, config, store_dir, log, ct) = interrupted_setup(tmp.path())?;
+    let port = free_port()?;
+    let orthanc = Orthanc::start("COSILO", port)?;
+    for f in &ct.files {
+        orthanc.upload(f)?;
+    }
+    let text = std::fs::read_to_string(&config)?.replace(
+        "bind = \"127.0.0.1:0\"",
+        &format!("bind = \"127.0.0.1:{port}\""),
+    );
+    ensure!(text.contains(&format!("127.0.0.1:{port}")), "bind not set");
+    let text = format!(
+        "{text}\n[network.pacs]\nae_title = {:?}\naddress = {:?}\ncalling_ae = \"COSILO\"\ntimeout_s = 30\n",
+        orthanc.aet,
+        orthanc.dicom_addr()
+    );
+    std::fs::write(&config, text)?;
+    let t0 = Instant::now();
+    let mut b = start(&bin, &config, &store_dir, &log)?;
+    ensure!(
+        b.port == port,
+        "the bridge listens on {} not {port}",
+        b.port
+    );
+    send_partial(b.port, "abort", 50, &ct.files)?.wait()?;
+    b.wait_log("asked the PACS for the missing instances", 1, LIMIT)?;
+    b.wait_log("series imported", 1, LIMIT)?;
+    let text = b.log_text();
+    b.stop()?;
+    let asked = text
+        .lines()
+        .find(|l| l.contains("asked the PACS for the missing instances"))
+        .context("no fetch line")?;
+    for field in [
+        "at_pacs=108",
+        "held=50",
+        "requested=58",
+        "moved=58",
+        "failed=0",
+    ] {
+        ensure!(asked.contains(field), "{field} not in {asked:?}");
+    }
+    one_complete_case(&store_dir, &ct)?;
+    ensure!(imports(&log)? == 1, "one import expected");
+    let lines = assert_log_free_of(&std::fs::read_to_string(&log)?, &ct.needles)?;
+    println!(
+        "aborted after 50/108, the bridge C-MOVEd the 58 missing from Orthanc: one case of 108 \
+         slices in {:.1} s; {lines} log lines, no identifier",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 #[test]
 fn killed_sender_waits_and_the_resend_makes_one_complete_case() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -568,7 +629,20 @@ fn a_partial_case_is_replaced_by_the_complete_series_with_its_reason() -> Result
     b.wait_log("series imported", 1, LIMIT)?;
     storescu(b.port, &ct.files)?;
     b.wait_log("case replaced by a more complete series", 1, LIMIT)?;
+    // `cases remove` while the bridge process runs and holds the store: refused, saying why.
+    let out = Command::new(&bin)
+        .args(["cases", "--store"])
+        .arg(&store_dir)
+        .args(["remove", "any-case"])
+        .output()?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "remove while the bridge runs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.check_alive()?;
     b.stop()?;
+    // Nothing was changed by the refused remove.
     let id = one_complete_case(&store_dir, &ct)?;
     let history = Store::open(&store_dir)?.case_history(&id)?;
     ensure!(history.len() == 1, "{history:?}");

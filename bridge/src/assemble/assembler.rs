@@ -279,6 +279,7 @@ impl SeriesAssembler {
         if let Some(p) = pending.get_mut(key) {
             if p.told != state {
                 p.told = state;
+                report.incomplete.push(key.clone());
                 tracing::info!(series = %key.1, wait_s = self.incomplete_wait.as_secs(),
                     "series incomplete, waiting for the rest: {why}");
             }

@@ -21,6 +21,10 @@
 //!   (a gap, mixed orientations, ...) → `refused/` with a `reason.txt`;
 //! - the sink failing beyond the incomplete wait → `refused/`.
 //!
+//! A series that starts waiting as incomplete is listed in [`PollReport::incomplete`]; with a PACS
+//! configured the bridge then C-MOVEs the missing instances to itself ([`crate::fetch`]), and
+//! they complete the series like a later association would.
+//!
 //! A later association for a series in `refused/` or `done/` is **merged** with what is there:
 //! the 108th slice of a series refused for its gap completes it; a resend of an imported series
 //! that holds more instances **replaces** the case ([`AssembledSeries::replaces`]); a resend that
@@ -193,6 +197,32 @@ pub struct PollReport {
     pub unchanged: Vec<String>,
     /// Series still receiving, interrupted and waiting, or waiting for their referenced series.
     pub waiting: usize,
+    /// `(study, series)` of series that began waiting as incomplete in this poll (interrupted, or
+    /// short of their declared count): the bridge asks the PACS for their missing instances
+    /// ([`crate::fetch`]).
+    pub incomplete: Vec<(String, String)>,
+}
+
+/// The SOP Instance UIDs (pseudonymous, the spool's file names) of a series held anywhere in the
+/// spool: receiving, `done/` or `refused/`.
+pub fn held_instances(
+    spool: &std::path::Path,
+    study_uid: &str,
+    series_uid: &str,
+) -> Result<std::collections::BTreeSet<String>, AssembleError> {
+    let mut held = std::collections::BTreeSet::new();
+    for base in [
+        spool.to_path_buf(),
+        spool.join(DONE_DIR),
+        spool.join(REFUSED_DIR),
+    ] {
+        for f in files::dcm_files(&base.join(study_uid).join(series_uid))? {
+            if let Some(stem) = f.file_stem().and_then(|s| s.to_str()) {
+                held.insert(stem.to_string());
+            }
+        }
+    }
+    Ok(held)
 }
 
 /// The store's case id for a series: `<patient pseudonym>-<series UID>`.
