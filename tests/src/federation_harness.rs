@@ -498,6 +498,11 @@ impl SiteProcess {
         self.signal("TERM")
     }
 
+    /// SIGHUP: the daemon reads its roster again.
+    pub fn hangup(&mut self) -> Result<()> {
+        self.signal("HUP")
+    }
+
     /// SIGKILL, and reap it.
     pub fn kill(&mut self) -> Result<ExitStatus> {
         if let Some(c) = &mut self.child {

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::labels::Classes;
+use super::roster::{RosterWatch, ROSTER_POLL};
 use super::rounds::Personalisation;
 use super::trainer::{self, Cmd, Reply, TrainerSpec};
 use super::{personalised_run, session_run, DaemonError, DaemonState, RunSummary, Site};
@@ -266,7 +267,10 @@ pub(super) async fn run_site(
         classes: Classes::new(&train_cfg, &cfg.federation.score_classes),
     };
     let membership = Membership { keys, roster, link };
+    let roster_watch = (cfg.federation.strategy != StrategyKind::Local)
+        .then(|| RosterWatch::new(&cfg.federation.roster));
     let mut site = Site::new(cfg, membership, shape, strategy, commands, ready.saved);
+    site.roster_watch = roster_watch;
     if !ready.resumed && ready.validation_cases > 0 {
         // The initial model's validation Dice (the "before" column); answered before any round.
         site.command(Cmd::Evaluate)?;
@@ -292,6 +296,39 @@ pub(super) async fn run_site(
     site.report(&lp.board, finished);
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     Ok(site.summary(finished, (ready.validation_cases, ready.test_cases), t0))
+}
+
+/// SIGHUP, where the platform has it and the handler could be installed; otherwise a future
+/// that never completes.
+struct Hangup(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+impl Hangup {
+    fn install() -> Hangup {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::hangup()) {
+                Ok(s) => Hangup(Some(s)),
+                Err(e) => {
+                    warn!(reason = %e, "cannot handle SIGHUP; the roster is still read when it changes");
+                    Hangup(None)
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        Hangup()
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = self.0.as_mut() {
+            if s.recv().await.is_some() {
+                return;
+            }
+            self.0 = None;
+        }
+        std::future::pending::<()>().await
+    }
 }
 
 /// What the loop does after an event.
@@ -322,6 +359,8 @@ impl EventLoop {
         mut replies: mpsc::UnboundedReceiver<Reply>,
     ) -> Result<bool, DaemonError> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut roster_poll = tokio::time::interval(ROSTER_POLL);
+        let mut hangup = Hangup::install();
         tokio::pin!(shutdown);
         loop {
             let flow = tokio::select! {
@@ -331,6 +370,11 @@ impl EventLoop {
                 }
                 reply = replies.recv() => self.reply(reply).await?,
                 _ = tick.tick() => self.tick().await?,
+                _ = roster_poll.tick() => self.roster(false).await?,
+                _ = hangup.recv() => {
+                    info!("SIGHUP: reading the roster again");
+                    self.roster(true).await?
+                }
             };
             match flow {
                 Flow::Continue => {}
@@ -433,6 +477,14 @@ impl EventLoop {
             Some(Reply::Failed(e)) => return Err(e),
             Some(Reply::Ready { .. }) => {}
             None => return Err(DaemonError::TrainerGone),
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Reads the roster again (`force`: on SIGHUP) unless shutting down.
+    async fn roster(&mut self, force: bool) -> Result<Flow, DaemonError> {
+        if !self.shutting_down {
+            self.site.reload_roster(force).await?;
         }
         Ok(Flow::Continue)
     }

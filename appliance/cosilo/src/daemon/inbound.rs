@@ -3,7 +3,7 @@
 //! survives handed to the strategy. A refusal is counted and logged with its reason; it never
 //! reaches a model.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use tracing::{debug, info, warn};
@@ -16,7 +16,7 @@ use cosilo_federation::strategy::{Input, PeerModel, PeerStatus, Purpose};
 use cosilo_federation::weights::EncodedWeights;
 use cosilo_federation::wire::{
     self, Admission, Body, Control, Envelope, Reassembler, ReplayGuard, SiteStatus, UpdateChunk,
-    UpdatePurpose,
+    UpdatePurpose, WireError,
 };
 
 fn from_purpose(p: UpdatePurpose) -> Option<Purpose> {
@@ -52,10 +52,15 @@ pub(super) struct Inbound {
     pub bytes_received: u64,
     /// Each peer's last presence message.
     pub seen: BTreeMap<String, PeerSeen>,
+    /// Members removed by a roster change in this run: their messages are refused as `removed`.
+    pub removed: BTreeSet<String>,
+    /// Changed rosters refused (malformed, another federation, without this site's key).
+    pub rosters_refused: u64,
 }
 
 impl Inbound {
-    /// Counts a refusal for `reason`: "unopened" (signature, membership or format), "replay",
+    /// Counts a refusal for `reason`: "unopened" (signature, membership or format), "removed"
+    /// (a member removed by a roster change while this site runs), "replay",
     /// "relayed" (a chunk of another site's update), "architecture" (another model's layout),
     /// "chunk" (reassembly), "weights" (the decoded update).
     fn refuse(&mut self, reason: &'static str) {
@@ -149,6 +154,12 @@ impl Site {
         let inb = &mut self.inb;
         let env = match wire::open(payload, &inb.roster) {
             Ok(e) => e,
+            Err(WireError::NotMember(sender)) if inb.removed.contains(&sender) => {
+                inb.bytes_received += payload.len() as u64;
+                inb.refuse("removed");
+                warn!(%topic, %sender, reason = "removed from the roster", "refused a message from a removed member");
+                return None;
+            }
             Err(e) => {
                 inb.bytes_received += payload.len() as u64;
                 inb.refuse("unopened");

@@ -34,12 +34,15 @@
 //! - [`labels`]: the class names and the score, from the training and site configuration.
 //! - [`event_loop`]: setup, and the `select!` over shutdown, link, trainer and clock.
 //! - [`report`]: the site's progress for the status board (page, `/status.json`, metrics).
+//! - [`roster`]: membership changes while running (SIGHUP, or the roster file changed): a new
+//!   roster is checked in full before it replaces the one in use.
 
 mod event_loop;
 mod inbound;
 mod labels;
 mod outbound;
 mod report;
+mod roster;
 mod rounds;
 #[cfg(test)]
 mod tests;
@@ -70,6 +73,7 @@ use cosilo_train::TrainError;
 use inbound::Inbound;
 use labels::Classes;
 use outbound::{now_ms, Outbound};
+use roster::RosterWatch;
 use rounds::RoundBook;
 use trainer::Cmd;
 
@@ -212,6 +216,8 @@ struct Site {
     out: Outbound,
     inb: Inbound,
     book: RoundBook,
+    /// The roster file, read again on SIGHUP and when it changes (None: a site running alone).
+    roster_watch: Option<RosterWatch>,
 }
 
 impl Site {
@@ -255,6 +261,8 @@ impl Site {
             refused_by: Default::default(),
             bytes_received: 0,
             seen: Default::default(),
+            removed: Default::default(),
+            rosters_refused: 0,
         };
         let book = RoundBook::new(saved.rounds, saved.initial_dice, fed.personalise_steps > 0);
         Site {
@@ -264,6 +272,7 @@ impl Site {
             out,
             inb,
             book,
+            roster_watch: None,
             cfg,
         }
     }

@@ -1,6 +1,7 @@
 use super::*;
 use cosilo_federation::strategy::{Context, Input, OwnModel, StrategyKind};
 use cosilo_federation::weights::WeightFormat;
+use cosilo_federation::wire::Control;
 use cosilo_federation::wire::{Body, Envelope, UpdateMeta, UpdatePurpose};
 use cosilo_train::TrainConfig;
 
@@ -187,4 +188,70 @@ async fn own_announcement_from_before_a_restart_reaches_the_strategy_a_forged_on
     site.message(topic(), retained, true).await.unwrap();
     assert_eq!(site.strategy.model_version(), 2);
     assert_eq!((site.inb.refused, site.inb.bytes_received), (0, 0));
+}
+
+#[tokio::test]
+async fn a_changed_roster_is_checked_in_full_before_it_replaces_the_one_in_use() {
+    let (mut site, _rx) = offline_site(1, StrategyKind::FedAvg);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("roster.toml");
+    let alone = site.inb.roster.clone();
+    std::fs::write(&path, alone.to_toml()).unwrap();
+    site.roster_watch = Some(RosterWatch::new(&path));
+    // Unchanged: nothing happens.
+    site.reload_roster(false).await.unwrap();
+    assert_eq!((site.inb.rosters_refused, &site.inb.roster), (0, &alone));
+
+    let h2 = SiteKeys::generate("h2").unwrap();
+    let with_h2 = format!("{}\n{}", alone.to_toml(), h2.roster_entry());
+    let imposter = SiteKeys::generate("h1").unwrap();
+    let fed = &site.cfg.federation.name;
+    let refused = [
+        // Malformed: a key that is not hex, and no key at all.
+        with_h2.replace(&h2.public_hex(), &"zz".repeat(32)),
+        format!("{}\n[[site]]\nid = \"h2\"\n", alone.to_toml()),
+        // Another federation.
+        with_h2.replace(&format!("name = \"{fed}\""), "name = \"other\""),
+        // Without this site.
+        format!("[federation]\nname = \"{fed}\"\n\n{}", h2.roster_entry()),
+        // This site under another key.
+        format!(
+            "[federation]\nname = \"{fed}\"\n\n{}\n{}",
+            imposter.roster_entry(),
+            h2.roster_entry()
+        ),
+    ];
+    for (i, text) in refused.iter().enumerate() {
+        std::fs::write(&path, text).unwrap();
+        site.reload_roster(false).await.unwrap();
+        assert_eq!(
+            site.inb.rosters_refused,
+            i as u64 + 1,
+            "case {i} was not refused"
+        );
+        assert_eq!(site.inb.roster, alone, "case {i} replaced the roster");
+        // The same bytes again (the next poll) are not refused twice.
+        site.reload_roster(false).await.unwrap();
+        assert_eq!(site.inb.rosters_refused, i as u64 + 1);
+    }
+
+    // h2 is admitted: its messages open.
+    std::fs::write(&path, &with_h2).unwrap();
+    site.reload_roster(false).await.unwrap();
+    assert!(site.inb.roster.contains("h2"));
+    let leave = |seq: u64| {
+        let env = Envelope::new("h2", seq, now_ms(), Body::Control(Control::Leave));
+        wire::seal(&env, &h2).unwrap()
+    };
+    let topic = || "cosilo/test/control".to_string();
+    site.message(topic(), leave(1), false).await.unwrap();
+    assert_eq!(site.inb.refused, 0);
+
+    // h2 is removed: its messages are refused as a removed member's.
+    std::fs::write(&path, alone.to_toml()).unwrap();
+    site.reload_roster(false).await.unwrap();
+    assert!(!site.inb.roster.contains("h2"));
+    site.message(topic(), leave(2), false).await.unwrap();
+    assert_eq!(site.inb.refused_by.get("removed"), Some(&1));
+    assert_eq!(site.inb.refused, 1);
 }

@@ -270,6 +270,25 @@ impl Strategy for BrainTorrent {
                 }
                 out
             }
+            Input::Members { sites, quorum } => {
+                // A changed roster. The initiator draw reads the member list, so sites agree on
+                // the initiator again once all have switched (a step in between may have two
+                // initiators or none; each merges what it pulls, so nothing is lost). What a removed
+                // member sent and was merged stays merged; its unmerged model and its entry in
+                // the version vector are dropped and it is no longer waited for.
+                let (removed, note) = self.ctx.set_members(sites, quorum);
+                for site in &removed {
+                    self.latest.remove(site);
+                    self.peers.remove(site);
+                    self.s.pulled.remove(site);
+                    self.s.seen.remove(site);
+                }
+                let mut out = vec![note];
+                if self.s.phase != Phase::Training {
+                    out.extend(self.progress(now_ms));
+                }
+                out
+            }
             Input::Trained { weights, .. } => {
                 if self.s.phase != Phase::Training {
                     return Vec::new();

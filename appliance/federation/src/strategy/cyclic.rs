@@ -105,6 +105,11 @@ impl Strategy for Cyclic {
                 }
                 out
             }
+            Input::Members { .. } => vec![Action::Note(
+                "the roster changed: the daemon refuses a removed member's messages from now \
+                 on; the token ring keeps this run's order (it is built at start)"
+                    .into(),
+            )],
             Input::Presence { .. } | Input::Announced { .. } | Input::Tick => Vec::new(),
         }
     }

@@ -37,14 +37,15 @@ pub(super) struct RoundSum {
     added: Vec<String>,
     /// Updates that arrived ahead of a site before them in the order.
     waiting: BTreeMap<String, (u64, Part)>,
-    /// Position in the order of the next site to add.
-    next: usize,
 }
 
 impl RoundSum {
-    /// Updates received (added or waiting).
-    pub(super) fn len(&self) -> usize {
-        self.added.len() + self.waiting.len()
+    /// Updates received (added or waiting) from the sites of `members`.
+    pub(super) fn len_from(&self, members: &[String]) -> usize {
+        members
+            .iter()
+            .filter(|s| self.added.contains(s) || self.waiting.contains_key(*s))
+            .count()
     }
 
     /// Takes `site`'s update; `order`: all sites by id. A copy of an update already added is
@@ -54,13 +55,25 @@ impl RoundSum {
             return;
         }
         self.waiting.insert(site, (samples, w));
-        while let Some(next) = order.get(self.next) {
+        self.add_ready(order);
+    }
+
+    /// Adds waiting updates while the first site of `order` not yet added has one waiting.
+    fn add_ready(&mut self, order: &[String]) {
+        while let Some(next) = order.iter().find(|s| !self.added.contains(s)) {
             let Some((samples, w)) = self.waiting.remove(next) else {
                 break;
             };
             self.add(next.clone(), samples, w);
-            self.next += 1;
         }
+    }
+
+    /// The roster changed to `order`: an update waiting from a removed site is dropped (one
+    /// already added stays in the sum: it was accepted while its sender was a member), and
+    /// updates that waited only for a removed site are added.
+    pub(super) fn members_changed(&mut self, order: &[String]) {
+        self.waiting.retain(|site, _| order.contains(site));
+        self.add_ready(order);
     }
 
     fn add(&mut self, site: String, samples: u64, w: Part) {
@@ -104,7 +117,10 @@ impl FedAvg {
             return Vec::new();
         };
         let r = self.s.round;
-        let have = self.received.get(&r).map_or(0, |m| m.len());
+        let have = self
+            .received
+            .get(&r)
+            .map_or(0, |m| m.len_from(&self.ctx.sites));
         let expected = self
             .ctx
             .sites
@@ -245,6 +261,19 @@ impl Strategy for FedAvg {
                 } else {
                     self.left.remove(&site);
                 }
+                out.extend(self.check(now_ms));
+                out
+            }
+            Input::Members { sites, quorum } => {
+                let (removed, note) = self.ctx.set_members(sites, quorum);
+                let order = self.order();
+                for sum in self.received.values_mut() {
+                    sum.members_changed(&order);
+                }
+                for site in &removed {
+                    self.left.remove(site);
+                }
+                let mut out = vec![note];
                 out.extend(self.check(now_ms));
                 out
             }

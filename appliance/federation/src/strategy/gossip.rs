@@ -284,6 +284,21 @@ impl Strategy for GossipAvg {
                 }
                 self.maybe_pull(&site, model_version)
             }
+            Input::Members { sites, quorum } => {
+                let (removed, note) = self.ctx.set_members(sites, quorum);
+                // What a removed member sent and was merged stays merged; what it sent and was
+                // not merged yet is dropped, and neither its version nor its final model is
+                // waited for any more.
+                for site in &removed {
+                    self.latest.remove(site);
+                    self.peers.remove(site);
+                    self.pulled.remove(site);
+                    self.s.seen.remove(site);
+                }
+                let mut out = vec![note];
+                out.extend(self.check_finish(now_ms));
+                out
+            }
             Input::Tick => self.check_finish(now_ms),
         }
     }

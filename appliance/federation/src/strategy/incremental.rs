@@ -131,6 +131,11 @@ impl Strategy for Incremental {
                 }
                 Vec::new()
             }
+            Input::Members { .. } => vec![Action::Note(
+                "the roster changed: the daemon refuses a removed member's messages from now \
+                 on; the token ring keeps this run's order (it is built at start)"
+                    .into(),
+            )],
             Input::Presence { .. } | Input::Announced { .. } | Input::Tick => Vec::new(),
         }
     }

@@ -175,6 +175,12 @@ pub enum Input {
     Announced { site: String, model_version: u64 },
     /// Time passes (milliseconds since the Unix epoch are given with every input).
     Tick,
+    /// The roster changed while the site runs: `sites` are now the members (this one
+    /// included) and `quorum` FedAvg's quorum for that many. A removed member's messages are
+    /// refused by the daemon from now on; the strategy forgets what it held of it that was
+    /// not yet merged and stops waiting for it; an added member's models count like any
+    /// member's.
+    Members { sites: Vec<String>, quorum: usize },
 }
 
 /// What the daemon must do, in order.
@@ -246,6 +252,42 @@ impl Context {
 
     fn index(&self, s: &str) -> Option<usize> {
         self.sites.iter().position(|x| x == s)
+    }
+
+    /// Takes a new roster (sorted here) and quorum; returns the sites removed, and a note
+    /// naming what changed.
+    fn set_members(&mut self, mut sites: Vec<String>, quorum: usize) -> (Vec<String>, Action) {
+        sites.sort();
+        sites.dedup();
+        let removed: Vec<String> = self
+            .sites
+            .iter()
+            .filter(|s| !sites.contains(s))
+            .cloned()
+            .collect();
+        let added: Vec<String> = sites
+            .iter()
+            .filter(|s| !self.sites.contains(s))
+            .cloned()
+            .collect();
+        self.sites = sites;
+        self.quorum = quorum.max(1);
+        let note = Action::Note(format!(
+            "members now {} (added: {}; removed: {}; quorum {})",
+            self.sites.join(","),
+            if added.is_empty() {
+                "none".into()
+            } else {
+                added.join(",")
+            },
+            if removed.is_empty() {
+                "none".into()
+            } else {
+                removed.join(",")
+            },
+            self.quorum
+        ));
+        (removed, note)
     }
 }
 

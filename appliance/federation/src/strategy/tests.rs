@@ -631,7 +631,7 @@ fn fedavg_running_sum_is_bit_identical_to_the_ordered_average_in_any_arrival_ord
         // A copy of an update already in changes nothing.
         let (n, w) = update(order[0]);
         sum.offer(&sites, sites[order[0]].clone(), n, part(order[0], w));
-        assert_eq!(sum.len(), order.len());
+        assert_eq!(sum.len_from(&sites), order.len());
         let mut present = order.to_vec();
         present.sort();
         let (contributors, avg) = sum.finish();
@@ -840,4 +840,123 @@ fn braintorrent_state_round_trips_through_a_snapshot() {
         }
     )));
     assert!(trains(&a));
+}
+
+
+fn members(sites: &[&str], quorum: usize) -> Input {
+    Input::Members {
+        sites: sites.iter().map(|s| s.to_string()).collect(),
+        quorum,
+    }
+}
+
+#[test]
+fn fedavg_stops_waiting_for_a_removed_member_and_drops_its_waiting_update() {
+    let mut s = build(StrategyKind::FedAvg, ctx("h1", 3), None).unwrap();
+    s.handle(
+        Input::Start {
+            weights: own(vec![0.0; 4]),
+        },
+        0,
+    );
+    s.handle(trained(1.0), 10);
+    // h3's update waits behind h2's (the sum adds in site-id order).
+    let a = s.handle(model("h3", Purpose::Round, 0, 1, 10, 100.0), 20);
+    assert!(set_model(&a).is_none());
+    // h3 is removed mid-round: its waiting update is dropped; h2 is still expected.
+    let a = s.handle(members(&["h1", "h2"], 2), 30);
+    assert!(
+        set_model(&a).is_none(),
+        "closed the round without h2: {a:?}"
+    );
+    let a = s.handle(model("h2", Purpose::Round, 0, 1, 10, 3.0), 40);
+    assert_eq!(
+        set_model(&a),
+        Some(vec![2.0; 4]),
+        "h3's update was averaged in"
+    );
+    let Some(Action::EndOfRound { contributors, .. }) =
+        a.iter().find(|a| matches!(a, Action::EndOfRound { .. }))
+    else {
+        panic!("no end of round: {a:?}");
+    };
+    assert_eq!(contributors, &["h1", "h2"]);
+    // From now on h3's updates are not a member's.
+    s.handle(trained(1.0), 50);
+    let a = s.handle(model("h3", Purpose::Round, 1, 2, 10, 100.0), 60);
+    assert!(
+        matches!(&a[..], [Action::Note(n)] if n.contains("ignored")),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn fedavg_removing_the_last_missing_member_closes_the_round() {
+    let mut s = build(StrategyKind::FedAvg, ctx("h1", 3), None).unwrap();
+    s.handle(
+        Input::Start {
+            weights: own(vec![0.0; 4]),
+        },
+        0,
+    );
+    s.handle(trained(1.0), 10);
+    s.handle(model("h2", Purpose::Round, 0, 1, 10, 3.0), 20);
+    // Everyone but h3 is in; removing h3 means every member delivered.
+    let a = s.handle(members(&["h1", "h2"], 2), 30);
+    assert_eq!(set_model(&a), Some(vec![2.0; 4]), "{a:?}");
+    assert!(trains(&a));
+}
+
+#[test]
+fn fedavg_accepts_an_added_member_and_waits_for_it() {
+    let mut s = build(StrategyKind::FedAvg, ctx("h1", 3), None).unwrap();
+    s.handle(
+        Input::Start {
+            weights: own(vec![0.0; 4]),
+        },
+        0,
+    );
+    // Before it is a member, h4's update is ignored.
+    let a = s.handle(model("h4", Purpose::Round, 0, 1, 10, 7.0), 5);
+    assert!(
+        matches!(&a[..], [Action::Note(n)] if n.contains("ignored")),
+        "{a:?}"
+    );
+    s.handle(members(&["h1", "h2", "h3", "h4"], 2), 6);
+    s.handle(trained(1.0), 10);
+    s.handle(model("h2", Purpose::Round, 0, 1, 10, 2.0), 20);
+    let a = s.handle(model("h3", Purpose::Round, 0, 1, 10, 6.0), 30);
+    assert!(set_model(&a).is_none(), "did not wait for h4: {a:?}");
+    let a = s.handle(model("h4", Purpose::Round, 0, 1, 10, 7.0), 40);
+    assert_eq!(set_model(&a), Some(vec![4.0; 4]), "{a:?}");
+}
+
+#[test]
+fn gossip_avg_forgets_a_removed_member_and_merges_an_added_one() {
+    let mut s = build(StrategyKind::GossipAvg, ctx("h1", 5), None).unwrap();
+    s.handle(
+        Input::Start {
+            weights: own(vec![0.0; 4]),
+        },
+        0,
+    );
+    // h3's model arrives but is not merged before h3 is removed.
+    s.handle(model("h3", Purpose::Gossip, 0, 1, 10, 100.0), 5);
+    s.handle(members(&["h1", "h2", "h4"], 2), 6);
+    let a = s.handle(model("h4", Purpose::Gossip, 0, 1, 10, 3.0), 7);
+    assert!(!a
+        .iter()
+        .any(|a| matches!(a, Action::Note(n) if n.contains("ignored"))));
+    let a = s.handle(trained(1.0), 10);
+    assert_eq!(set_model(&a), Some(vec![2.0; 4]), "{a:?}");
+    let seen = s.versions_seen();
+    assert!(
+        seen.contains_key("h4") && !seen.contains_key("h3"),
+        "{seen:?}"
+    );
+    let a = s.handle(model("h3", Purpose::Gossip, 1, 2, 10, 100.0), 20);
+    assert!(
+        matches!(&a[..], [Action::Note(n)] if n.contains("ignored")),
+        "{a:?}"
+    );
 }
