@@ -842,7 +842,6 @@ fn braintorrent_state_round_trips_through_a_snapshot() {
     assert!(trains(&a));
 }
 
-
 fn members(sites: &[&str], quorum: usize) -> Input {
     Input::Members {
         sites: sites.iter().map(|s| s.to_string()).collect(),
